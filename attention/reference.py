@@ -1,0 +1,82 @@
+"""Quadratic reference oracles for every attention core.
+
+Each function builds the explicit N x N attention weight matrix ``A`` and returns
+``A @ v`` (optionally normalised by the row sums of ``A``). They are slow and
+obviously correct; tests compare the efficient forms in
+:mod:`attention.functional` against them. Arguments and shapes are exactly those
+of the efficient functions:
+
+    q, k: (B, H, N, d)    v: (B, H, N, d_v)    output: (B, H, N, d_v), input dtype
+
+All arithmetic is done in float64 so the oracle is never the source of error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _apply_weights(weights: Tensor, v: Tensor, normalize: bool, eps: float) -> Tensor:
+    """weights (B, H, N, N) float64, v (B, H, N, d_v) -> (B, H, N, d_v) in v's dtype."""
+    out = weights @ v.double()
+    if normalize:
+        out = out / (weights.sum(dim=-1, keepdim=True) + eps)
+    return out.to(v.dtype)
+
+
+def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / sqrt(d)) v with the weights built explicitly."""
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return _apply_weights(torch.softmax(logits, dim=-1), v, normalize=False, eps=0.0)
+
+
+def linear_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, *, normalize: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """A = q kᵀ (q, k already feature-mapped); o = A v / (A 1 + eps)."""
+    weights = q.double() @ k.double().transpose(-1, -2)
+    return _apply_weights(weights, v, normalize, eps)
+
+
+def hla_attention_reference(
+    q_factors: Sequence[Tensor],
+    k_factors: Sequence[Tensor],
+    v: Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """S = (Q₁K₁ᵀ) ⊙ … ⊙ (Q_pK_pᵀ); o = S v / (S 1 + eps).
+
+    q_factors, k_factors: p tensors each (B, H, N, r_m).
+    """
+    if len(q_factors) != len(k_factors) or not q_factors:
+        raise ValueError("hla_attention_reference needs the same non-zero number of q and k factors")
+    weights = None
+    for q_m, k_m in zip(q_factors, k_factors):
+        factor = q_m.double() @ k_m.double().transpose(-1, -2)
+        weights = factor if weights is None else weights * factor
+    return _apply_weights(weights, v, normalize, eps)
+
+
+def mhla_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_index: Tensor,
+    mixing: Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """A[t, s] = mixing[b(t), b(s)] · q_t·k_s; o = A v / (A 1 + eps).
+
+    block_index: (N,) long in [0, M); mixing: (M, M), row i = query block i.
+    """
+    block_mixing = mixing.double()[block_index][:, block_index]  # (N, N)
+    weights = (q.double() @ k.double().transpose(-1, -2)) * block_mixing
+    return _apply_weights(weights, v, normalize, eps)
