@@ -89,6 +89,14 @@ class AttentionLayer(nn.Module):
         """Multiply-accumulates of the attention core per sample, all heads."""
         raise NotImplementedError
 
+    def extra_macs(self) -> int:
+        """Multiply-accumulates per sample of variant-specific maps (factor maps, gates)."""
+        return 0
+
+    def macs(self) -> int:
+        """Multiply-accumulates of the whole layer per sample: qkv + output projections + core."""
+        return 4 * self.num_tokens * self.dim**2 + self.core_macs() + self.extra_macs()
+
     def extra_repr(self) -> str:
         return f"variant={self.variant}, dim={self.dim}, heads={self.num_heads}, grid={self.grid}"
 
@@ -266,6 +274,9 @@ class MHLAAttention(_FeatureMapAttention):
     def gate(self, x, out):
         return out if self.gate_proj is None else out * F.silu(self.gate_proj(x))
 
+    def extra_macs(self) -> int:
+        return 0 if self.gate_proj is None else self.num_tokens * self.dim**2
+
     def core_macs(self) -> int:
         width = self.head_dim + int(self.normalize)
         num_blocks = math.prod(self.layout)
@@ -360,6 +371,13 @@ class HLAAttention(AttentionLayer):
         width = self.head_dim + int(self.normalize)
         kron = self.factor_rank**self.order
         return 2 * self.num_heads * self.num_tokens * kron * width
+
+    def extra_macs(self) -> int:
+        if self.factors == "tied":
+            maps = 0 if self.down is None else 2  # one shared map, applied to q and k
+        else:
+            maps = 2 * self.order
+        return maps * self.num_heads * self.num_tokens * self.head_dim * self.rank
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", order={self.order}, factors={self.factors}, rank={self.rank}"

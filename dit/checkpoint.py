@@ -1,0 +1,179 @@
+"""Checkpoint directories: atomic writes, completeness checks, safe loading.
+
+Layout of a run directory::
+
+    <run dir>/checkpoints/
+        step_00000100/          one complete checkpoint
+            model.safetensors   raw model weights
+            ema.safetensors     EMA weights (what sample.py uses)
+            config.yaml         the resolved run config
+            optimizer.pt        optimizer state (tensors only; loaded with weights_only=True)
+            trainer_state.json  step, data position in samples, counters, LR schedule state
+            rng_states.pt       every rank's torch / numpy / python RNG state
+            checkpoint.json     written last: the list of files and their sizes
+        latest                  text file naming the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary directory, completed with
+``checkpoint.json``, renamed into place, and only then does ``latest`` change
+(itself replaced atomically). A crash at any point leaves the previous checkpoint
+and pointer intact. Loading never unpickles code: weights are safetensors and
+``torch.load`` is always called with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+INDEX = "checkpoint.json"
+REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "config.yaml", "trainer_state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save tensors as safetensors (copied to contiguous CPU tensors)."""
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path))
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
+    """Write one checkpoint atomically and point ``latest`` at it.
+
+    writers: file name -> function writing that file at the given path. Must include
+    every name in ``REQUIRED_FILES``. Returns the checkpoint directory.
+    """
+    missing = [name for name in REQUIRED_FILES if name not in writers]
+    if missing:
+        raise ValueError(f"save_checkpoint: writers for {missing} are required")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, write in writers.items():
+        write(tmp / name)
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    write_text_atomic(tmp / INDEX, json.dumps({"step": step, "files": sizes}, indent=2))
+    for p in tmp.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / LATEST, final.name + "\n")
+    return final
+
+
+def validate_checkpoint(path: Path) -> Path:
+    """Raise CheckpointError unless ``path`` is a complete checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    index = path / INDEX
+    if not index.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {INDEX}; it was probably interrupted while being written). "
+            f"Use an earlier checkpoint or delete this directory."
+        )
+    try:
+        files = json.loads(index.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {path}: unreadable {INDEX} ({error})") from error
+    problems = [name for name in REQUIRED_FILES if name not in files]
+    for name, size in files.items():
+        if name == INDEX:
+            continue
+        if not (path / name).is_file():
+            problems.append(f"{name} (missing)")
+        elif (path / name).stat().st_size != size:
+            problems.append(f"{name} (size {(path / name).stat().st_size}, expected {size})")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is incomplete or damaged: {', '.join(problems)}")
+    return path
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` points to (validated), or None for a fresh run directory."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        return validate_checkpoint(root / pointer.read_text().strip())
+    if checkpoint_dirs(run_dir):
+        raise CheckpointError(
+            f"{root} holds checkpoints but no '{LATEST}' pointer; pass one explicitly or write its name into {pointer}"
+        )
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (-> its latest checkpoint) or a checkpoint directory, validated."""
+    path = Path(path).expanduser()
+    if (path / CHECKPOINTS).is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"run directory {path} has no complete checkpoint yet")
+        return found
+    if path.is_dir() and path.name.startswith("step_"):
+        return validate_checkpoint(path)
+    raise CheckpointError(
+        f"{path} is neither a run directory (with {CHECKPOINTS}/) nor a checkpoint directory (step_XXXXXXXX/)"
+    )
+
+
+def torch_save(obj, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def torch_load(path: Path):
+    """torch.load that can only rebuild tensors and plain containers (never code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
