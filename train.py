@@ -82,15 +82,22 @@ def make_accelerator(train_cfg: DictConfig) -> Accelerator:
     )
 
 
-def build_training_data(cfg: DictConfig):
-    """The dataset and the shape of one training sample in latent space (C, T, H, W)."""
+def latent_shape_of(cfg: DictConfig, vae) -> tuple[int, int, int, int]:
+    """Shape (C, T, H, W) of one training sample in latent space, from configs alone."""
     if cfg.data.name == "latents":
         from data.latents import LatentDataset  # only needed for pre-extracted latents
 
-        dataset = LatentDataset.from_config(cfg.data, vae_cfg=cfg.vae)
-        return dataset, tuple(dataset.latent_shape)
-    dataset = build_video_dataset(cfg.data, seed=cfg.seed)
-    return dataset, None
+        return tuple(LatentDataset.latent_shape_from_config(cfg.data))
+    return tuple(vae.latent_shape(cfg.data.num_frames, cfg.data.resolution, cfg.data.resolution))
+
+
+def build_training_data(cfg: DictConfig):
+    """The training dataset: video clips (encoded on the fly) or pre-extracted latents."""
+    if cfg.data.name == "latents":
+        from data.latents import LatentDataset
+
+        return LatentDataset.from_config(cfg.data, vae_cfg=cfg.vae)
+    return build_video_dataset(cfg.data, seed=cfg.seed)
 
 
 def lr_factor(step: int, train_cfg: DictConfig) -> float:
@@ -302,15 +309,14 @@ def main(cfg: DictConfig) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
 
-    # Data, VAE and model: every invalid setting fails here, before any training work.
-    dataset, latent_shape = build_training_data(cfg)
+    # VAE, model, then data: every invalid setting fails here, before any training work.
     vae = build_vae(cfg.vae, device=accelerator.device)
-    if latent_shape is None:
-        latent_shape = vae.latent_shape(cfg.data.num_frames, cfg.data.resolution, cfg.data.resolution)
+    latent_shape = latent_shape_of(cfg, vae)
     num_classes = cfg.data.num_classes
     model = build_dit(cfg.model, cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
                       num_classes=num_classes)
     summary = print_model_summary(model, cfg, accelerator)
+    dataset = build_training_data(cfg)
     ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
@@ -408,7 +414,9 @@ def main(cfg: DictConfig) -> None:
                 metrics["grad_norm"] = float(grad_norm)
             logger.log(state.step, metrics)
             losses = []
-        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps:
+        # While losses are non-finite, keep the last good checkpoint as the newest one.
+        due = state.step % cfg.train.checkpoint_every == 0 and state.consecutive_nonfinite == 0
+        if due or state.step == cfg.train.max_steps:
             write_checkpoint(run_dir, cfg, state, model, ema, optimizer, scheduler, accelerator)
         sample_every = cfg.train.sample_every
         if (sample_every and state.step % sample_every == 0) or state.step == cfg.train.max_steps:

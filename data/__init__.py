@@ -1,0 +1,1 @@
+"""Video decoding, clip datasets, the embedded demo dataset and latent extraction."""
