@@ -20,29 +20,18 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
-from data.vae import build_vae
+from data.vae import build_vae, data_latent_shape
 from data.video import write_grid_mp4, write_mp4
-from dit.checkpoint import load_state_dict, resolve_checkpoint
-from dit.model import build_dit
+from dit.checkpoint import load_dit_for_sampling, resolve_checkpoint, validate_checkpoint
 from dit.sampling import generate_videos
 
 
 def load_model_for_sampling(checkpoint: Path, weights: str, device):
     """(model, vae, run config) from a checkpoint directory; weights = "ema" or "model"."""
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights={weights!r} is not valid; choose one of ['ema', 'model']")
-    run_cfg = OmegaConf.load(checkpoint / "config.yaml")
+    run_cfg = OmegaConf.load(validate_checkpoint(checkpoint) / "config.yaml")
     vae = build_vae(run_cfg.vae, device=device)
-    if run_cfg.data.name == "latents":
-        from data.latents import LatentDataset
-
-        latent_shape = LatentDataset.latent_shape_from_config(run_cfg.data)
-    else:
-        latent_shape = vae.latent_shape(run_cfg.data.num_frames, run_cfg.data.resolution, run_cfg.data.resolution)
-    model = build_dit(run_cfg.model, run_cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
-                      num_classes=run_cfg.data.num_classes)
-    model.load_state_dict(load_state_dict(checkpoint / f"{weights}.safetensors"))
-    return model.to(device).eval(), vae, run_cfg
+    model = load_dit_for_sampling(checkpoint, run_cfg, data_latent_shape(run_cfg.data, vae), weights)
+    return model.to(device), vae, run_cfg
 
 
 def sample_labels(cfg: DictConfig, num_classes: int) -> list[int] | None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from configs.schema import validate_train_config
 from data.datasets import build_video_dataset
 from data.sampler import SampleStream, sample_stream_loader
-from data.vae import build_vae
+from data.vae import build_vae, data_latent_shape
 from data.video import write_grid_mp4, write_mp4
 from dit.checkpoint import (
     CheckpointError,
@@ -80,15 +80,6 @@ def make_accelerator(train_cfg: DictConfig) -> Accelerator:
         gradient_accumulation_steps=train_cfg.grad_accum_steps,
         kwargs_handlers=kwargs,
     )
-
-
-def latent_shape_of(cfg: DictConfig, vae) -> tuple[int, int, int, int]:
-    """Shape (C, T, H, W) of one training sample in latent space, from configs alone."""
-    if cfg.data.name == "latents":
-        from data.latents import LatentDataset  # only needed for pre-extracted latents
-
-        return tuple(LatentDataset.latent_shape_from_config(cfg.data))
-    return tuple(vae.latent_shape(cfg.data.num_frames, cfg.data.resolution, cfg.data.resolution))
 
 
 def build_training_data(cfg: DictConfig):
@@ -311,7 +302,7 @@ def main(cfg: DictConfig) -> None:
 
     # VAE, model, then data: every invalid setting fails here, before any training work.
     vae = build_vae(cfg.vae, device=accelerator.device)
-    latent_shape = latent_shape_of(cfg, vae)
+    latent_shape = data_latent_shape(cfg.data, vae)
     num_classes = cfg.data.num_classes
     model = build_dit(cfg.model, cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
                       num_classes=num_classes)

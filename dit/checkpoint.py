@@ -177,3 +177,19 @@ def torch_save(obj, path: Path) -> None:
 def torch_load(path: Path):
     """torch.load that can only rebuild tensors and plain containers (never code)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_dit_for_sampling(checkpoint: Path, run_cfg, latent_shape, weights: str = "ema"):
+    """The DiT of a checkpoint with its EMA (``weights="ema"``) or raw (``"model"``) weights, in eval mode.
+
+    run_cfg: the checkpoint's ``config.yaml``; latent_shape: (C, T, H, W) of the run's
+    latents (``data.vae.data_latent_shape``).
+    """
+    from .model import build_dit
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights={weights!r} is not valid; choose one of ['ema', 'model']")
+    model = build_dit(run_cfg.model, run_cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
+                      num_classes=run_cfg.data.num_classes)
+    model.load_state_dict(load_state_dict(Path(checkpoint) / f"{weights}.safetensors"))
+    return model.eval()
