@@ -1,0 +1,192 @@
+"""Compare training runs: one markdown report with a table and PNG plots.
+
+    python -m eval.report multirun/2026-11-22_18-00-00            # a sweep directory
+    python -m eval.report outputs/tiny-softmax-demo outputs/tiny-mhla-demo --out reports/demo
+
+For each run (a directory with ``checkpoints/``) the table lists the attention variant,
+model, steps, final training loss (mean of the last 10 % of logged steps), a validation
+loss computed here with the EMA weights on fixed clips, noise and flow times (identical
+for every run, so comparable), FVD if ``<run>/fvd/*.json`` exists, tokens/s, peak memory,
+parameters and forward FLOPs per sample. Plots: loss curves, and training throughput
+against tokens per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from data.datasets import build_video_dataset
+from data.vae import build_vae, data_latent_shape
+from dit.checkpoint import CHECKPOINTS, latest_checkpoint, load_dit_for_sampling
+
+# Flow times at which the validation loss is averaged (the same for every run).
+VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among the given paths and their sub-directories (sweeps), sorted."""
+    runs = []
+    for path in paths:
+        if (path / CHECKPOINTS).is_dir():
+            runs.append(path)
+        elif path.is_dir():
+            runs += sorted(p.parent for p in path.glob(f"**/{CHECKPOINTS}") if p.is_dir())
+    if not runs:
+        raise SystemExit(f"no run directories (with {CHECKPOINTS}/) under {[str(p) for p in paths]}")
+    return sorted(dict.fromkeys(runs))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def final_loss(records: list[dict]) -> float:
+    losses = [r["loss"] for r in records if np.isfinite(r.get("loss", np.nan))]
+    tail = losses[-max(1, len(losses) // 10):]
+    return float(np.mean(tail)) if tail else float("nan")
+
+
+def mean_of_last_half(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if key in r]
+    return float(np.mean(values[len(values) // 2:])) if values else float("nan")
+
+
+@torch.no_grad()
+def validation_loss(checkpoint: Path, num_clips: int) -> float:
+    """Rectified-flow loss of the EMA weights on the first clips of the run's data (centred clips),
+    with noise seeded per clip and flow times fixed to VALIDATION_TIMES."""
+    run_cfg = OmegaConf.load(checkpoint / "config.yaml")
+    vae = build_vae(run_cfg.vae)
+    model = load_dit_for_sampling(checkpoint, run_cfg, data_latent_shape(run_cfg.data, vae))
+    if run_cfg.data.name == "latents":
+        from data.latents import LatentDataset
+
+        dataset = LatentDataset.from_config(run_cfg.data, vae_cfg=run_cfg.vae)
+    else:
+        dataset = build_video_dataset(run_cfg.data, seed=run_cfg.seed)
+    losses = []
+    for index in range(min(num_clips, len(dataset))):
+        item = dataset[(index, index)]
+        x0 = item["latents"] if "latents" in item else vae.encode(item["video"][None])[0]
+        label = item["label"][None] if model.num_classes else None
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(index))
+        for t in VALIDATION_TIMES:
+            x_t = (1 - t) * x0 + t * noise
+            prediction = model(x_t[None], torch.tensor([t]), label)[0]
+            losses.append(torch.mean((prediction - (noise - x0)) ** 2).item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def fvd_result(run_dir: Path) -> str:
+    results = sorted((run_dir / "fvd").glob("*.json")) if (run_dir / "fvd").is_dir() else []
+    if not results:
+        return "—"
+    latest = json.loads(results[-1].read_text())
+    return f"{latest['fvd']:.1f} ({latest.get('num_clips', '?')} clips)"
+
+
+def summarise(run_dir: Path, val_clips: int) -> dict:
+    checkpoint = latest_checkpoint(run_dir)
+    cfg = OmegaConf.load(checkpoint / "config.yaml")
+    summary = json.loads((run_dir / "model_summary.json").read_text()) if (run_dir / "model_summary.json").is_file() else {}
+    records = read_metrics(run_dir)
+    return {
+        "run": run_dir.name,
+        "path": str(run_dir),
+        "attention": cfg.attention.name,
+        "model": cfg.model.name,
+        "steps": json.loads((checkpoint / "trainer_state.json").read_text())["step"],
+        "final_loss": final_loss(records),
+        "val_loss": validation_loss(checkpoint, val_clips) if val_clips else float("nan"),
+        "fvd": fvd_result(run_dir),
+        "tokens_per_s": mean_of_last_half(records, "tokens_per_s"),
+        "samples_per_s": mean_of_last_half(records, "samples_per_s"),
+        "peak_memory_gb": max((r.get("peak_memory_gb", float("nan")) for r in records), default=float("nan")),
+        "parameters": summary.get("parameters"),
+        "tokens_per_sample": summary.get("tokens_per_sample"),
+        "forward_gflops": summary.get("forward_flops_per_sample", float("nan")) / 1e9,
+        "curve": [(r["step"], r["loss"]) for r in records if "loss" in r],
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| run | attention | model | steps | final loss | val loss | FVD | tokens/s | samples/s | "
+              "peak mem (GB) | params (M) | tokens/sample | fwd GFLOPs/sample |")
+    lines = [header, "|" + "---|" * 13]
+    for r in rows:
+        params = f"{r['parameters'] / 1e6:.2f}" if r["parameters"] else "—"
+        lines.append(
+            f"| {r['run']} | {r['attention']} | {r['model']} | {r['steps']} | {r['final_loss']:.4f} | "
+            f"{r['val_loss']:.4f} | {r['fvd']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
+            f"{r['peak_memory_gb']:.2f} | {params} | {r['tokens_per_sample']} | {r['forward_gflops']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss_png, speed_png = out / "loss_curves.png", out / "throughput_vs_tokens.png"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["curve"]:
+            steps, losses = zip(*r["curve"])
+            ax.plot(steps, losses, label=r["run"])
+    ax.set(xlabel="step", ylabel="training loss", title="Loss curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(loss_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for attention in sorted({r["attention"] for r in rows}):
+        points = sorted((r["tokens_per_sample"], r["tokens_per_s"]) for r in rows
+                        if r["attention"] == attention and r["tokens_per_sample"])
+        if points:
+            ax.plot(*zip(*points), marker="o", label=attention)
+    ax.set(xlabel="tokens per sample", ylabel="training tokens/s", title="Throughput vs tokens", xscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(speed_png, dpi=120)
+    plt.close(fig)
+    return [loss_png, speed_png]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories or sweep directories")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first path>/report)")
+    parser.add_argument("--val-clips", type=int, default=16, help="clips for the validation loss (0 = skip)")
+    args = parser.parse_args(argv)
+    out = args.out or args.runs[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [summarise(run, args.val_clips) for run in find_runs(args.runs)]
+    plots = plot(rows, out)
+    text = "\n\n".join([
+        "# Run comparison",
+        f"Runs: {', '.join(r['path'] for r in rows)}",
+        markdown_table(rows),
+        f"Final loss: mean training loss over the last 10 % of logged steps. Validation loss: EMA weights on the "
+        f"first {args.val_clips} clips of each run's data, per-clip seeded noise, flow times {list(VALIDATION_TIMES)}. "
+        f"Throughput: mean over the second half of logged steps, per run as logged (global batch).",
+        *[f"![{p.stem}]({p.name})" for p in plots],
+    ])
+    (out / "report.md").write_text(text + "\n")
+    (out / "report.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in rows], indent=2))
+    print(text)
+    print(f"\nwrote {out / 'report.md'}")
+    return out / "report.md"
+
+
+if __name__ == "__main__":
+    main()

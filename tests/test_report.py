@@ -1,0 +1,24 @@
+"""eval.report on two tiny real runs."""
+
+import json
+
+from eval.report import main as report_main
+from tests.test_train import env, train  # noqa: F401  (env is a fixture)
+
+
+def test_report_compares_two_real_runs(tmp_path, env, monkeypatch):  # noqa: F811
+    for attention in ("softmax", "mhla"):
+        train(tmp_path / "sweep" / attention, f"attention={attention}", "train.max_steps=3",
+              "train.num_val_samples=0", env=env)
+    monkeypatch.setenv("LINVID_CACHE", env["LINVID_CACHE"])
+    out = tmp_path / "report"
+    report = report_main([str(tmp_path / "sweep"), "--out", str(out), "--val-clips", "2"])
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| mhla", "| softmax"))]
+    assert [row.split("|")[2].strip() for row in rows] == ["mhla", "softmax"]
+    for name in ("loss_curves.png", "throughput_vs_tokens.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "report.json").read_text())
+    assert all(r["steps"] == 3 and r["val_loss"] > 0 and r["peak_memory_gb"] > 0 for r in summary)
+    softmax, mhla = sorted(summary, key=lambda r: r["attention"], reverse=True)
+    assert softmax["parameters"] < mhla["parameters"]  # MHLA adds its mixing matrices
