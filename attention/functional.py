@@ -73,6 +73,31 @@ def _run_chunk(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
     return fn(*args)
 
 
+def _token_spans(num_tokens: int, chunk: int) -> list[slice]:
+    return [slice(start, start + chunk) for start in range(0, num_tokens, chunk)]
+
+
+def _token_slice(x: Tensor, span: slice) -> Tensor:
+    """Rows ``span`` of the token axis: dim -2 of (…, N, c) tensors, dim 0 of (N,) indices."""
+    return x[span] if x.dim() == 1 else x[..., span, :]
+
+
+def _sum_over_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], spans: list[slice]) -> Tensor:
+    """Σ over token chunks of fn(*chunk of each tensor): pass 1 of every chunked core."""
+    total = None
+    for span in spans:
+        part = _run_chunk(fn, *[_token_slice(t, span) for t in tensors])
+        total = part if total is None else total + part
+    return total
+
+
+def _readout_over_chunks(
+    fn: Callable[..., Tensor], state: Tensor, tensors: Sequence[Tensor], spans: list[slice]
+) -> Tensor:
+    """fn(state, *chunk of each tensor) for every token chunk, concatenated along tokens: pass 2."""
+    return torch.cat([_run_chunk(fn, state, *[_token_slice(t, span) for t in tensors]) for span in spans], dim=-2)
+
+
 def _check_same_tokens(name: str, *tensors: Tensor) -> None:
     shapes = [tuple(t.shape[:3]) for t in tensors]
     if any(t.dim() != 4 for t in tensors) or len(set(shapes)) != 1:
@@ -129,7 +154,6 @@ def _kronecker_features(factors: Sequence[Tensor]) -> Tensor:
 
 def _hla_state_form(qf: list[Tensor], kf: list[Tensor], values: Tensor, chunk: int) -> Tensor:
     """Kronecker (state) form: T = (⊗K)ᵀ[v,1] of shape (B, H, R, C), then (⊗Q) T."""
-    num_tokens = values.shape[-2]
     p = len(kf)
 
     def state_of_chunk(*chunk_tensors: Tensor) -> Tensor:
@@ -138,16 +162,9 @@ def _hla_state_form(qf: list[Tensor], kf: list[Tensor], values: Tensor, chunk: i
     def readout_of_chunk(state: Tensor, *q_chunk: Tensor) -> Tensor:
         return _kronecker_features(q_chunk) @ state
 
-    state = None
-    for start in range(0, num_tokens, chunk):
-        sl = slice(start, start + chunk)
-        part = _run_chunk(state_of_chunk, *[k[..., sl, :] for k in kf], values[..., sl, :])
-        state = part if state is None else state + part
-    outputs = [
-        _run_chunk(readout_of_chunk, state, *[q[..., sl, :] for q in qf])
-        for sl in (slice(s, s + chunk) for s in range(0, num_tokens, chunk))
-    ]
-    return torch.cat(outputs, dim=-2)
+    spans = _token_spans(values.shape[-2], chunk)
+    state = _sum_over_chunks(state_of_chunk, [*kf, values], spans)
+    return _readout_over_chunks(readout_of_chunk, state, qf, spans)
 
 
 def _hla_value_modulation_form(
@@ -159,7 +176,6 @@ def _hla_value_modulation_form(
     are scaled by K_m[:, b] and whose outputs are scaled by Q_m[:, b]. All tensors stay
     (B, H, n, ·); the modulated values have width r_2···r_p·C.
     """
-    num_tokens = values.shape[-2]
     p = len(kf)
 
     def state_of_chunk(*chunk_tensors: Tensor) -> Tensor:
@@ -174,16 +190,9 @@ def _hla_value_modulation_form(
             out = (out.unflatten(-1, (q_m.shape[-1], -1)) * q_m.unsqueeze(-1)).sum(-2)
         return out
 
-    state = None
-    for start in range(0, num_tokens, chunk):
-        sl = slice(start, start + chunk)
-        part = _run_chunk(state_of_chunk, *[k[..., sl, :] for k in kf], values[..., sl, :])
-        state = part if state is None else state + part
-    outputs = [
-        _run_chunk(readout_of_chunk, state, *[q[..., sl, :] for q in qf])
-        for sl in (slice(s, s + chunk) for s in range(0, num_tokens, chunk))
-    ]
-    return torch.cat(outputs, dim=-2)
+    spans = _token_spans(values.shape[-2], chunk)
+    state = _sum_over_chunks(state_of_chunk, [*kf, values], spans)
+    return _readout_over_chunks(readout_of_chunk, state, qf, spans)
 
 
 def hla_attention(
@@ -284,14 +293,10 @@ def _mhla_ragged_blocks(
         per_token = mixed[:, :, index]  # (B, H, n, d, C)
         return (q_chunk.unsqueeze(-2) @ per_token).squeeze(-2)
 
-    summaries = None
-    spans = [slice(s, s + chunk) for s in range(0, num_tokens, chunk)]
-    for sl in spans:
-        part = _run_chunk(summaries_of_chunk, block_index[sl], k[..., sl, :], values[..., sl, :])
-        summaries = part if summaries is None else summaries + part
+    spans = _token_spans(num_tokens, chunk)
+    summaries = _sum_over_chunks(summaries_of_chunk, [block_index, k, values], spans)
     mixed = (mixing @ summaries).unflatten(-1, (d, width))  # (B, H, M, d, C)
-    outputs = [_run_chunk(readout_of_chunk, mixed, block_index[sl], q[..., sl, :]) for sl in spans]
-    return torch.cat(outputs, dim=-2)
+    return _readout_over_chunks(readout_of_chunk, mixed, [block_index, q], spans)
 
 
 def mhla_attention(
