@@ -429,8 +429,6 @@ CONFIG_KEYS = {
     "demo": ("name", "root", "num_videos", "fps", "num_workers", *_CLIP_KEYS),
     "videos": ("name", "root", "manifest", "num_workers", *_CLIP_KEYS),
 }
-_CLIP_DEFAULTS = dict(num_classes=0, frame_stride=1, target_fps=None, resize_mode="crop",
-                      random_start=True)
 
 
 def _config_path(data_cfg: Mapping, key: str) -> Path | None:
@@ -459,6 +457,9 @@ def _checked_config(data_cfg: Mapping) -> str:
             f"unknown key(s) {unknown} in the data={name} config; "
             f"valid keys: {', '.join(CONFIG_KEYS[name])}"
         )
+    missing = [key for key in _CLIP_KEYS if key not in data_cfg]
+    if missing:  # configs/data/*.yaml are the only home of default values
+        raise ValueError(f"the data={name} config lacks key(s) {missing}; see configs/data/{name}.yaml")
     if _config_path(data_cfg, "root") is None:
         example = "/folder/for/demo/videos" if name == "demo" else "/path/to/videos"
         raise ValueError(f"data.root is not set: pass data.root={example}")
@@ -474,7 +475,7 @@ def build_video_dataset(data_cfg: Mapping, *, seed: int) -> VideoClipDataset:
     ``manifest``. ``seed`` only drives clip sampling.
     """
     name = _checked_config(data_cfg)
-    options = {key: data_cfg.get(key, _CLIP_DEFAULTS.get(key)) for key in _CLIP_KEYS}
+    options = {key: data_cfg[key] for key in _CLIP_KEYS}
     options["seed"] = seed
     _check_options(**options)
     root = _config_path(data_cfg, "root")
