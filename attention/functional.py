@@ -73,29 +73,28 @@ def _run_chunk(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
     return fn(*args)
 
 
-def _token_spans(num_tokens: int, chunk: int) -> list[slice]:
-    return [slice(start, start + chunk) for start in range(0, num_tokens, chunk)]
+def _token_chunks(x: Tensor, chunk: int) -> tuple[Tensor, ...]:
+    """Split the token axis once: dim -2 of (…, N, c) tensors, dim 0 of (N,) indices.
+
+    One split (instead of slicing per chunk) gives a single gradient concatenation in
+    backward rather than one zero-filled full-size gradient per chunk.
+    """
+    return x.split(chunk, dim=0 if x.dim() == 1 else -2)
 
 
-def _token_slice(x: Tensor, span: slice) -> Tensor:
-    """Rows ``span`` of the token axis: dim -2 of (…, N, c) tensors, dim 0 of (N,) indices."""
-    return x[span] if x.dim() == 1 else x[..., span, :]
-
-
-def _sum_over_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], spans: list[slice]) -> Tensor:
+def _sum_over_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], chunk: int) -> Tensor:
     """Σ over token chunks of fn(*chunk of each tensor): pass 1 of every chunked core."""
     total = None
-    for span in spans:
-        part = _run_chunk(fn, *[_token_slice(t, span) for t in tensors])
+    for pieces in zip(*(_token_chunks(t, chunk) for t in tensors)):
+        part = _run_chunk(fn, *pieces)
         total = part if total is None else total + part
     return total
 
 
-def _readout_over_chunks(
-    fn: Callable[..., Tensor], state: Tensor, tensors: Sequence[Tensor], spans: list[slice]
-) -> Tensor:
+def _readout_over_chunks(fn: Callable[..., Tensor], state: Tensor, tensors: Sequence[Tensor], chunk: int) -> Tensor:
     """fn(state, *chunk of each tensor) for every token chunk, concatenated along tokens: pass 2."""
-    return torch.cat([_run_chunk(fn, state, *[_token_slice(t, span) for t in tensors]) for span in spans], dim=-2)
+    pieces = zip(*(_token_chunks(t, chunk) for t in tensors))
+    return torch.cat([_run_chunk(fn, state, *chunk_pieces) for chunk_pieces in pieces], dim=-2)
 
 
 def _check_same_tokens(name: str, *tensors: Tensor) -> None:
@@ -162,9 +161,8 @@ def _hla_state_form(qf: list[Tensor], kf: list[Tensor], values: Tensor, chunk: i
     def readout_of_chunk(state: Tensor, *q_chunk: Tensor) -> Tensor:
         return _kronecker_features(q_chunk) @ state
 
-    spans = _token_spans(values.shape[-2], chunk)
-    state = _sum_over_chunks(state_of_chunk, [*kf, values], spans)
-    return _readout_over_chunks(readout_of_chunk, state, qf, spans)
+    state = _sum_over_chunks(state_of_chunk, [*kf, values], chunk)
+    return _readout_over_chunks(readout_of_chunk, state, qf, chunk)
 
 
 def _hla_value_modulation_form(
@@ -190,9 +188,8 @@ def _hla_value_modulation_form(
             out = (out.unflatten(-1, (q_m.shape[-1], -1)) * q_m.unsqueeze(-1)).sum(-2)
         return out
 
-    spans = _token_spans(values.shape[-2], chunk)
-    state = _sum_over_chunks(state_of_chunk, [*kf, values], spans)
-    return _readout_over_chunks(readout_of_chunk, state, qf, spans)
+    state = _sum_over_chunks(state_of_chunk, [*kf, values], chunk)
+    return _readout_over_chunks(readout_of_chunk, state, qf, chunk)
 
 
 def hla_attention(
@@ -264,16 +261,16 @@ def _mhla_equal_blocks(q: Tensor, k: Tensor, values: Tensor, block_index: Tensor
     """All blocks hold the same number of tokens: gather each block contiguously, batched GEMMs."""
     batch, heads, num_tokens, _ = q.shape
     num_blocks = mixing.shape[0]
-    order = torch.argsort(block_index, stable=True)
-    inverse = torch.argsort(order)
+    contiguous = bool((block_index[1:] >= block_index[:-1]).all())  # blocks already in order: no gather
+    order = None if contiguous else torch.argsort(block_index, stable=True)
 
     def blocked(x: Tensor) -> Tensor:  # (B, H, N, c) -> (B, H, M, N/M, c)
-        return x[:, :, order].unflatten(2, (num_blocks, -1))
+        return (x if contiguous else x[:, :, order]).unflatten(2, (num_blocks, -1))
 
     summaries = blocked(k).transpose(-1, -2) @ blocked(values)  # (B, H, M, d, C)
     mixed = (mixing @ summaries.flatten(-2)).view_as(summaries)  # S̃_i = Σ_j m_ij S_j
-    out = blocked(q) @ mixed  # (B, H, M, N/M, C)
-    return out.flatten(2, 3)[:, :, inverse]
+    out = (blocked(q) @ mixed).flatten(2, 3)  # (B, H, N, C) in block order
+    return out if contiguous else out[:, :, torch.argsort(order)]
 
 
 def _mhla_ragged_blocks(
@@ -293,10 +290,9 @@ def _mhla_ragged_blocks(
         per_token = mixed[:, :, index]  # (B, H, n, d, C)
         return (q_chunk.unsqueeze(-2) @ per_token).squeeze(-2)
 
-    spans = _token_spans(num_tokens, chunk)
-    summaries = _sum_over_chunks(summaries_of_chunk, [block_index, k, values], spans)
+    summaries = _sum_over_chunks(summaries_of_chunk, [block_index, k, values], chunk)
     mixed = (mixing @ summaries).unflatten(-1, (d, width))  # (B, H, M, d, C)
-    return _readout_over_chunks(readout_of_chunk, mixed, [block_index, q], spans)
+    return _readout_over_chunks(readout_of_chunk, mixed, [block_index, q], chunk)
 
 
 def mhla_attention(
