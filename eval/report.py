@@ -85,11 +85,13 @@ def validation_loss(checkpoint: Path, num_clips: int) -> float:
 
 
 def fvd_result(run_dir: Path) -> str:
-    results = sorted((run_dir / "fvd").glob("*.json")) if (run_dir / "fvd").is_dir() else []
+    """The newest FVD result of the run (by file time), or a dash."""
+    paths = sorted((run_dir / "fvd").glob("*.json"), key=lambda p: p.stat().st_mtime) if (run_dir / "fvd").is_dir() else []
+    results = [json.loads(p.read_text()) for p in paths]
+    results = [r for r in results if r.get("fvd") is not None]
     if not results:
         return "—"
-    latest = json.loads(results[-1].read_text())
-    return f"{latest['fvd']:.1f} ({latest.get('num_clips', '?')} clips)"
+    return f"{results[-1]['fvd']:.1f} ({results[-1].get('num_clips', '?')} clips)"
 
 
 def summarise(run_dir: Path, val_clips: int) -> dict:
