@@ -12,6 +12,7 @@ processes. The same seed gives the same video bytes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -45,9 +46,15 @@ def sample_labels(cfg: DictConfig, num_classes: int) -> list[int] | None:
     return [int(given[i % len(given)]) for i in range(cfg.num_samples)]
 
 
+def process_state() -> PartialState:
+    """This process's place among those launched: several CPU processes talk over gloo (as in train.py)."""
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return PartialState(cpu=distributed_cpu, **({"backend": "gloo"} if distributed_cpu else {}))
+
+
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    state = PartialState()
+    state = process_state()
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     model, vae, run_cfg = load_model_for_sampling(checkpoint, cfg.weights, state.device)
     labels = sample_labels(cfg, run_cfg.data.num_classes)
@@ -69,7 +76,8 @@ def main(cfg: DictConfig) -> None:
             suffix = f"_class{labels[i]}" if labels else ""
             write_mp4(out_dir / f"sample_{i:03d}{suffix}.mp4", video, fps)
         write_grid_mp4(out_dir / "grid.mp4", ordered, fps)
-        print(f"wrote {len(ordered)} videos and grid.mp4 to {out_dir} (checkpoint {checkpoint}, {cfg.weights} weights)")
+        print(f"wrote {len(ordered)} videos and grid.mp4 to {out_dir} (checkpoint {checkpoint}, {cfg.weights} weights, "
+              f"{state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     state.wait_for_everyone()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -10,14 +10,21 @@ Layout of a run directory::
             optimizer.pt        optimizer state (tensors only; loaded with weights_only=True)
             trainer_state.json  step, data position in samples, counters, LR schedule state
             rng_states.pt       every rank's torch / numpy / python RNG state
-            checkpoint.json     written last: the list of files and their sizes
+            deepspeed/          DeepSpeed runs only, instead of optimizer.pt: the engine's own
+                                checkpoint, one ZeRO optimizer shard per rank
+            checkpoint.json     written last: every file (sub-directories included) and its size
         latest                  text file naming the newest complete checkpoint
 
 A checkpoint is written into a hidden temporary directory, completed with
 ``checkpoint.json``, renamed into place, and only then does ``latest`` change
 (itself replaced atomically). A crash at any point leaves the previous checkpoint
-and pointer intact. Loading never unpickles code: weights are safetensors and
-``torch.load`` is always called with ``weights_only=True``.
+and pointer intact. The temporary directory's name depends only on the step
+(:func:`checkpoint_tmp_dir`), so that every rank of a multi-process run can write its
+shards into it (:func:`start_checkpoint` on one rank, shards from all ranks, then
+:func:`finish_checkpoint` on one rank). Loading never unpickles code: weights are
+safetensors and ``torch.load`` is always called with ``weights_only=True``. The one
+exception is ``deepspeed/``, which DeepSpeed's own loader reads with pickle: load
+those shards only from runs you made yourself.
 """
 
 from __future__ import annotations
@@ -74,28 +81,45 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def save_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
-    """Write one checkpoint atomically and point ``latest`` at it.
+def checkpoint_tmp_dir(run_dir: Path, step: int) -> Path:
+    """The hidden directory a step's checkpoint is written into (the same on every rank)."""
+    return Path(run_dir) / CHECKPOINTS / f".tmp-{checkpoint_name(step)}"
+
+
+def start_checkpoint(run_dir: Path, step: int) -> Path:
+    """Create an empty temporary directory for a step's checkpoint (removing a stale one) and return it."""
+    tmp = checkpoint_tmp_dir(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
+    """Add the writers' files to the step's temporary directory, index it, rename it into place, move ``latest``.
 
     writers: file name -> function writing that file at the given path. Must include
-    every name in ``REQUIRED_FILES``. Returns the checkpoint directory.
+    every name in ``REQUIRED_FILES``. Files that other ranks already wrote into the
+    temporary directory (e.g. ``deepspeed/``) are indexed too. Returns the checkpoint directory.
     """
     missing = [name for name in REQUIRED_FILES if name not in writers]
     if missing:
         raise ValueError(f"save_checkpoint: writers for {missing} are required")
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = checkpoint_tmp_dir(run_dir, step)
+    if not tmp.is_dir():
+        raise CheckpointError(f"{tmp} does not exist; call start_checkpoint first")
     for name, write in writers.items():
         write(tmp / name)
-    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files}
     write_text_atomic(tmp / INDEX, json.dumps({"step": step, "files": sizes}, indent=2))
-    for p in tmp.iterdir():
+    for p in files:
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+    for directory in {p.parent for p in files}:
+        _fsync_dir(directory)
     if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -106,6 +130,19 @@ def save_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path]
     _fsync_dir(root)
     write_text_atomic(root / LATEST, final.name + "\n")
     return final
+
+
+def save_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
+    """Write one checkpoint atomically from one process and point ``latest`` at it.
+
+    writers: file name -> function writing that file at the given path. Must include
+    every name in ``REQUIRED_FILES``. Returns the checkpoint directory.
+    """
+    missing = [name for name in REQUIRED_FILES if name not in writers]
+    if missing:
+        raise ValueError(f"save_checkpoint: writers for {missing} are required")
+    start_checkpoint(run_dir, step)
+    return finish_checkpoint(run_dir, step, writers)
 
 
 def validate_checkpoint(path: Path) -> Path:

@@ -9,8 +9,10 @@ towards noise: t = shift·u / (1 + (shift − 1)·u) (SD3's shift; shift = 1 is 
 Sampling integrates from t = 1 to 0 with diffusers' ``FlowMatchEulerDiscreteScheduler``
 using the same shift.
 
-All randomness comes from explicit ``torch.Generator`` objects so that a step is a pure
-function of (seed, step, rank): this is what makes resume bitwise exact.
+All randomness comes from explicit ``torch.Generator`` objects (the trainer seeds one
+per sample from its global stream position), so that a step is a pure function of the
+seed and the data position: this is what makes resume bitwise exact and results
+independent of the number of processes.
 """
 
 from __future__ import annotations
@@ -43,15 +45,23 @@ def rectified_flow_loss(
     time_mean: float,
     time_std: float,
     time_shift: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    t: Tensor | None = None,
 ) -> Tensor:
     """Mean squared error between the predicted and true velocity, in float32.
 
-    x0: clean latents (B, C, T, H, W). Noise and times are drawn on the generator's
-    device (CPU by default, so runs are reproducible across devices) and moved to x0's.
+    x0: clean latents (B, C, T, H, W). Either ``generator`` draws the noise ε (like x0)
+    and the flow times t (B,) on its device (CPU by default, so runs are reproducible
+    across devices), or the caller passes both ``noise`` and ``t`` (e.g. drawn per
+    sample, see ``train.sample_randomness``); they are moved to x0's device.
     """
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, torch.float32)
-    t = sample_flow_time(x0.shape[0], mean=time_mean, std=time_std, shift=time_shift, generator=generator).to(x0.device)
+    if noise is None or t is None:
+        if generator is None:
+            raise ValueError("rectified_flow_loss needs a generator, or both noise and t")
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
+        t = sample_flow_time(x0.shape[0], mean=time_mean, std=time_std, shift=time_shift, generator=generator)
+    noise, t = noise.to(x0.device, torch.float32), t.to(x0.device, torch.float32)
     t_b = t.view(-1, *([1] * (x0.dim() - 1)))
     x0 = x0.float()
     x_t = (1 - t_b) * x0 + t_b * noise
