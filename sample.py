@@ -19,31 +19,12 @@ import hydra
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from data.vae import build_vae, data_latent_shape
 from data.video import write_grid_mp4, write_mp4
-from dit.checkpoint import load_dit_for_sampling, resolve_checkpoint, validate_checkpoint
+from dit.checkpoint import resolve_checkpoint
 from dit.sampling import generate_videos
-
-
-def load_model_for_sampling(checkpoint: Path, weights: str, device):
-    """(model, vae, run config) from a checkpoint directory; weights = "ema" or "model"."""
-    run_cfg = OmegaConf.load(validate_checkpoint(checkpoint) / "config.yaml")
-    vae = build_vae(run_cfg.vae, device=device)
-    model = load_dit_for_sampling(checkpoint, run_cfg, data_latent_shape(run_cfg.data, vae), weights)
-    return model.to(device), vae, run_cfg
-
-
-def sample_labels(cfg: DictConfig, num_classes: int) -> list[int] | None:
-    """One class label per sample: the given list (cycled) or all classes in turn."""
-    if num_classes == 0:
-        return None
-    given = list(cfg.labels) if cfg.labels is not None else list(range(num_classes))
-    bad = [y for y in given if not 0 <= int(y) < num_classes]
-    if bad or not given:
-        raise ValueError(f"labels={given} is not valid; this model has classes 0..{num_classes - 1}")
-    return [int(given[i % len(given)]) for i in range(cfg.num_samples)]
+from eval.generation import cycle_labels, generation_seed, load_sampling_setup
 
 
 def process_state() -> PartialState:
@@ -56,14 +37,14 @@ def process_state() -> PartialState:
 def main(cfg: DictConfig) -> None:
     state = process_state()
     checkpoint = resolve_checkpoint(cfg.checkpoint)
-    model, vae, run_cfg = load_model_for_sampling(checkpoint, cfg.weights, state.device)
-    labels = sample_labels(cfg, run_cfg.data.num_classes)
+    model, vae, run_cfg = load_sampling_setup(checkpoint, state.device, cfg.weights)
+    labels = cycle_labels(cfg.labels, cfg.num_samples, run_cfg.data.num_classes)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint / "samples"
     fps = cfg.fps or run_cfg.data.get("fps") or 8
 
     mine = list(range(state.process_index, cfg.num_samples, state.num_processes))
     videos = generate_videos(
-        model, vae.decode, seeds=[cfg.seed * 100_003 + i for i in mine],
+        model, vae.decode, seeds=[generation_seed(cfg.seed, i) for i in mine],
         labels=[labels[i] for i in mine] if labels else None, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
         shift=run_cfg.train.time_shift, batch_size=cfg.batch_size, device=state.device,
     )

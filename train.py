@@ -60,6 +60,7 @@ from dit.checkpoint import (
 from dit.flow import rectified_flow_loss, sample_flow_time
 from dit.model import VideoDiT, build_dit
 from dit.sampling import generate_videos
+from eval.generation import generation_seed
 
 # Config groups that must match between a run directory's checkpoint and the command resuming it.
 RESUME_MUST_MATCH = ("seed", "model", "attention", "data", "vae")
@@ -525,7 +526,7 @@ def validation_videos(cfg, step, ema, vae, num_classes, fps, run_dir, accelerato
     mine = list(range(accelerator.process_index, count, accelerator.num_processes))
     labels = [i % num_classes for i in mine] if num_classes else None
     videos = generate_videos(
-        ema, vae.decode, seeds=[cfg.seed * 100_003 + i for i in mine], labels=labels,
+        ema, vae.decode, seeds=[generation_seed(cfg.seed, i) for i in mine], labels=labels,
         steps=cfg.train.val_steps, cfg_scale=cfg.train.val_cfg_scale, shift=cfg.train.time_shift,
         batch_size=cfg.train.batch_size, device=accelerator.device,
     )

@@ -20,15 +20,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.vae import VideoVAE, build_vae, data_latent_shape
-from dit.checkpoint import load_dit_for_sampling, validate_checkpoint
+from dit.checkpoint import load_dit_for_sampling, resolve_checkpoint
 from dit.model import VideoDiT
 
 SEED_STRIDE = 100_003  # seed of sample i = seed * SEED_STRIDE + i (sample.py's and train.py's convention)
 
 
 def load_run_config(checkpoint: str | Path) -> DictConfig:
-    """The resolved run config saved with a (validated) checkpoint directory."""
-    return OmegaConf.load(validate_checkpoint(Path(checkpoint)) / "config.yaml")
+    """The resolved run config saved with a checkpoint (a run directory means its latest checkpoint)."""
+    return OmegaConf.load(resolve_checkpoint(checkpoint) / "config.yaml")
 
 
 def load_sampling_setup(checkpoint: str | Path, device: str | torch.device,
@@ -37,9 +37,10 @@ def load_sampling_setup(checkpoint: str | Path, device: str | torch.device,
 
     ``weights``: ``"ema"`` (what samples and FVD use) or ``"model"`` (the raw weights).
     """
+    checkpoint = resolve_checkpoint(checkpoint)
     run_cfg = load_run_config(checkpoint)
     vae = build_vae(run_cfg.vae, device=device)
-    model = load_dit_for_sampling(Path(checkpoint), run_cfg, data_latent_shape(run_cfg.data, vae), weights)
+    model = load_dit_for_sampling(checkpoint, run_cfg, data_latent_shape(run_cfg.data, vae), weights)
     return model.to(device), vae, run_cfg
 
 
