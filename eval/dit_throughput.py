@@ -166,7 +166,7 @@ def _header(args: argparse.Namespace, device: torch.device) -> dict:
 
 def _settings_line(result: dict) -> str:
     d = result["device"]
-    return (f"Device: {d.get('name')} ({d.get('type')}, torch {d.get('torch')}, {d.get('threads', '?')} threads) · "
+    return (f"Device: {d.get('name')} ({d.get('type')}, torch {d.get('torch')}) · "
             f"commit {result['git']['commit']} · {result['date']} · load average at start {result['load_average']}")
 
 
