@@ -693,6 +693,16 @@ def attention_analysis(points: list[dict], labels: Sequence[str], window: tuple[
 _MODE_NAMES = {"forward": "forward", "fwd_bwd": "forward+backward"}
 
 
+def _token_table(tokens, labels, by_key: dict, cell) -> str:
+    """Markdown table with a row per token count and a column per variant label;
+    ``cell(point, n, label)`` formats a measured point, missing points show a dash."""
+    rows = [
+        [format_tokens(n)] + [cell(by_key[(label, n)], n, label) if (label, n) in by_key else "—" for label in labels]
+        for n in tokens
+    ]
+    return markdown_table(["N"] + labels, rows)
+
+
 def attention_markdown(result: dict) -> str:
     """The markdown report: provenance, one time table per mode, memory, FLOPs, exponents, targets."""
     settings, device, analysis = result["settings"], result["device"], result["analysis"]
@@ -736,21 +746,12 @@ def attention_markdown(result: dict) -> str:
     ]
     for mode in ("forward", "fwd_bwd"):
         lines += [f"## {_MODE_NAMES[mode].capitalize()} time, ms (×speedup vs softmax)", ""]
-        rows = []
-        for n in tokens:
-            row = [format_tokens(n)]
-            for label in labels:
-                p = by_key.get((label, n))
-                if p is None:
-                    row.append("—")
-                    continue
-                cell = format_ms(p[mode]["median_s"]) + ("†" if p[mode]["over_budget"] else "")
-                speedup = analysis["speedups"][mode].get(label, {}).get(str(n))
-                if speedup is not None:
-                    cell += f" (×{speedup:.1f})"
-                row.append(cell)
-            rows.append(row)
-        lines += [markdown_table(["N"] + labels, rows), ""]
+        def time_cell(p: dict, n: int, label: str, mode: str = mode) -> str:
+            cell = format_ms(p[mode]["median_s"]) + ("†" if p[mode]["over_budget"] else "")
+            speedup = analysis["speedups"][mode].get(label, {}).get(str(n))
+            return cell if speedup is None else cell + f" (×{speedup:.1f})"
+
+        lines += [_token_table(tokens, labels, by_key, time_cell), ""]
 
     method = next((p["memory_method"] for p in points if p.get("memory_method")), "n/a")
     mem_note = (
@@ -761,29 +762,18 @@ def attention_markdown(result: dict) -> str:
     if device["type"] != "cuda" and settings["isolation"] != "subprocess":
         mem_note += "; measured in-process, so it may under-report (heap reuse across points)"
     lines += [f"## Peak memory of forward+backward, MiB ({mem_note}; inputs excluded)", ""]
-    rows = []
-    for n in tokens:
-        row = [format_tokens(n)]
-        for label in labels:
-            p = by_key.get((label, n))
-            mem = None if p is None else p.get("peak_memory_bytes")
-            row.append("—" if mem is None else f"{mem / MIB:.1f}")
-        rows.append(row)
-    lines += [markdown_table(["N"] + labels, rows), ""]
+    def memory_cell(p: dict, n: int, label: str) -> str:
+        mem = p.get("peak_memory_bytes")
+        return "—" if mem is None else f"{mem / MIB:.1f}"
+
+    lines += [_token_table(tokens, labels, by_key, memory_cell), ""]
 
     lines += ["## Forward GFLOP (spec count) / achieved GFLOP/s", ""]
-    rows = []
-    for n in tokens:
-        row = [format_tokens(n)]
-        for label in labels:
-            p = by_key.get((label, n))
-            if p is None:
-                row.append("—")
-                continue
-            gflop = p["flops_forward"] / 1e9
-            row.append(f"{gflop:.3g} / {gflop / p['forward']['median_s']:.1f}")
-        rows.append(row)
-    lines += [markdown_table(["N"] + labels, rows), ""]
+    def flops_cell(p: dict, n: int, label: str) -> str:
+        gflop = p["flops_forward"] / 1e9
+        return f"{gflop:.3g} / {gflop / p['forward']['median_s']:.1f}"
+
+    lines += [_token_table(tokens, labels, by_key, flops_cell), ""]
 
     window = settings["fit_window"]
     lines += ["## Fitted exponent of time vs N (least-squares slope of log t vs log N)", ""]
