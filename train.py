@@ -60,6 +60,7 @@ from dit.checkpoint import (
 from dit.flow import rectified_flow_loss, sample_flow_time
 from dit.model import VideoDiT, build_dit
 from dit.sampling import generate_videos
+from eval.fvd import fvd_of_model, load_i3d, training_real_stats
 from eval.generation import generation_seed
 
 # Config groups that must match between a run directory's checkpoint and the command resuming it.
@@ -594,6 +595,9 @@ def main(cfg: DictConfig) -> None:
     samples_per_step = cfg.train.batch_size * world * cfg.train.grad_accum_steps
     logger = MetricsLogger(cfg, run_dir, enabled=accelerator.is_main_process)
     fps = cfg.data.get("fps") or 8
+    # Optional periodic FVD of the EMA weights; without I3D weights this stops here, before training.
+    fvd_i3d = load_i3d(device=accelerator.device) if cfg.train.fvd_every else None
+    fvd_real = training_real_stats(cfg, vae, fvd_i3d, accelerator)[0] if fvd_i3d is not None else None
 
     progress = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc="train", dynamic_ncols=True)
@@ -671,6 +675,11 @@ def main(cfg: DictConfig) -> None:
         sample_every = cfg.train.sample_every
         if (sample_every and state.step % sample_every == 0) or state.step == cfg.train.max_steps:
             validation_videos(cfg, state.step, ema, vae, num_classes, fps, run_dir, accelerator, logger)
+        if cfg.train.fvd_every and state.step % cfg.train.fvd_every == 0:
+            fvd = fvd_of_model(ema, vae.decode, cfg, num_samples=cfg.train.fvd_num_samples, steps=cfg.train.val_steps,
+                               cfg_scale=cfg.train.val_cfg_scale, seed=cfg.seed, i3d=fvd_i3d, real_stats=fvd_real,
+                               state=accelerator, batch_size=cfg.train.batch_size)
+            logger.log(state.step, {f"fvd{cfg.train.fvd_num_samples}": fvd})
     progress.close()
     logger.close()
     if accelerator.is_main_process:

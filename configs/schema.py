@@ -61,6 +61,12 @@ def int_list(length: int) -> Rule:
     return rule
 
 
+def at_least(minimum: int) -> Rule:
+    rule = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum  # noqa: E731
+    rule.description = f"an integer ≥ {minimum}"
+    return rule
+
+
 def text(v) -> bool:
     return isinstance(v, str) and bool(v)
 
@@ -123,6 +129,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "val_steps": positive_int,
         "val_cfg_scale": non_negative,
         "max_nonfinite_steps": positive_int,
+        "fvd_every": non_negative_int,
+        "fvd_num_samples": at_least(2),
     },
     "logger": {
         "name": one_of("none", "tensorboard", "wandb"),

@@ -188,6 +188,8 @@ def compose_train(*overrides):
         ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing='maybe' is not valid; it must be true or false"),
         ("logger.name=mlflow", "logger.name='mlflow' is not valid; it must be one of ['none', 'tensorboard', 'wandb']"),
         ("seed=-1", "seed=-1 is not valid"),
+        ("train.fvd_num_samples=1", "train.fvd_num_samples=1 is not valid; it must be an integer ≥ 2"),
+        ("train.fvd_every=-3", "train.fvd_every=-3 is not valid; it must be an integer ≥ 0"),
         ("+train.extra=3", "unknown key(s) ['train.extra']"),
     ],
 )
