@@ -12,28 +12,23 @@ processes. The same seed gives the same video bytes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import hydra
-import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from omegaconf import DictConfig
 
+from configs.entry import entry_point
+from configs.logs import get_logger
+from configs.processes import end_processes, process_state
 from data.video import write_grid_mp4, write_mp4
 from dit.checkpoint import resolve_checkpoint
 from dit.sampling import generate_videos
 from eval.generation import cycle_labels, generation_seed, load_sampling_setup
 
-
-def process_state() -> PartialState:
-    """This process's place among those launched: several CPU processes talk over gloo (as in train.py)."""
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return PartialState(cpu=distributed_cpu, **({"backend": "gloo"} if distributed_cpu else {}))
+logger = get_logger(__name__)
 
 
-@hydra.main(config_path="configs", config_name="sample", version_base="1.3")
+@entry_point("sample")
 def main(cfg: DictConfig) -> None:
     state = process_state()
     checkpoint = resolve_checkpoint(cfg.checkpoint)
@@ -57,11 +52,10 @@ def main(cfg: DictConfig) -> None:
             suffix = f"_class{labels[i]}" if labels else ""
             write_mp4(out_dir / f"sample_{i:03d}{suffix}.mp4", video, fps)
         write_grid_mp4(out_dir / "grid.mp4", ordered, fps)
-        print(f"wrote {len(ordered)} videos and grid.mp4 to {out_dir} (checkpoint {checkpoint}, {cfg.weights} weights, "
-              f"{state.num_processes} process{'es' if state.num_processes > 1 else ''})")
+        logger.info(f"wrote {len(ordered)} videos and grid.mp4 to {out_dir} (checkpoint {checkpoint}, {cfg.weights} "
+                    f"weights, {state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     state.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_processes(state)
 
 
 if __name__ == "__main__":

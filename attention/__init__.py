@@ -14,6 +14,7 @@ Layers for the DiT are built from config nodes with :func:`build_attention` /
 from .functional import hla_attention, linear_attention, mhla_attention, softmax_attention
 from .layers import (
     AttentionLayer,
+    Constrained,
     HLAAttention,
     LinearAttention,
     MHLAAttention,
@@ -22,6 +23,7 @@ from .layers import (
     mhla_block_index,
     mhla_locality_mixing,
     mhla_valid_layouts,
+    constrain_,
 )
 from .registry import ATTENTION_LAYERS, build_attention, build_attention_layers, layer_configs
 from .rope import Rope3D
@@ -32,6 +34,8 @@ __all__ = [
     "hla_attention",
     "mhla_attention",
     "AttentionLayer",
+    "Constrained",
+    "constrain_",
     "SoftmaxAttention",
     "LinearAttention",
     "HLAAttention",

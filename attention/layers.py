@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,29 @@ from .functional import hla_attention, linear_attention, mhla_attention, softmax
 from .rope import Rope3D, rope_axis_dims
 
 Grid = tuple[int, int, int]
+
+
+class Constrained:
+    """A module whose parameters must stay in a set: the trainer projects them after every optimizer step.
+
+    ``constraints()`` lists (parameter, element-wise projection) pairs; ``constrain_()`` applies
+    them in place. Element-wise, so sharded copies (DeepSpeed ZeRO-3) can be projected piece by piece.
+    """
+
+    def constraints(self) -> list[tuple[nn.Parameter, Callable[[Tensor], Tensor]]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        for param, project in self.constraints():
+            param.copy_(project(param))
+
+
+def constrain_(model: nn.Module) -> None:
+    """Apply the constraints of every :class:`Constrained` module of ``model`` (after an optimizer step)."""
+    for module in model.modules():
+        if isinstance(module, Constrained):
+            module.constrain_()
 
 
 def _choice(setting: str, value, choices: Sequence) -> None:
@@ -207,7 +230,7 @@ def mhla_locality_mixing(layout: Grid) -> Tensor:
     return (weights / weights.sum(dim=1, keepdim=True)).float()
 
 
-class MHLAAttention(_FeatureMapAttention):
+class MHLAAttention(Constrained, _FeatureMapAttention):
     """Multi-head linear attention: heads along the token axis with a learned block mixing.
 
     Settings:
@@ -263,10 +286,13 @@ class MHLAAttention(_FeatureMapAttention):
             )
         return layout
 
-    @torch.no_grad()
+    def constraints(self):
+        """The mixing matrix stays in [0, 1] (the trainer projects it after every optimizer step)."""
+        return [(self.mixing, lambda mixing: mixing.clamp(0.0, 1.0))]
+
     def clamp_mixing_(self) -> None:
-        """Project the mixing matrix onto [0, 1]; the trainer calls this after every optimizer step."""
-        self.mixing.clamp_(0.0, 1.0)
+        """Project the mixing matrix onto [0, 1]."""
+        self.constrain_()
 
     def linear_core(self, q, k, v, **kwargs):
         return mhla_attention(q, k, v, self.block_index, self.mixing, **kwargs)

@@ -1,17 +1,21 @@
-"""Types and allowed values of the run config, checked before any work starts.
+"""Types and allowed values of every entry point's config, checked before any work starts.
 
-The YAML files in this folder are the only home of default values; this module
-only says what each key must be. Groups whose settings belong to a builder
-(``attention``, ``vae``, ``data``) are checked by that builder, which also runs
-before any training work. A failure raises :class:`ConfigError` naming the key,
-the value and what is allowed.
+The YAML files in this folder are the only home of default values; this module only says
+what each key must be. :func:`validate_config` checks a composed config against the schema
+of its entry point (``CONFIG_SCHEMAS``): every key known, every required key present and
+set, every value valid. Groups whose settings belong to a builder (``attention``, ``vae``,
+``data``) are checked by that builder, which also runs before any work. A failure raises
+:class:`ConfigError` naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 class ConfigError(ValueError):
@@ -71,6 +75,18 @@ def text(v) -> bool:
     return isinstance(v, str) and bool(v)
 
 
+def list_of(rule: Rule, min_length: int = 1) -> Rule:
+    wrapped = lambda v: isinstance(v, (list, tuple)) and len(v) >= min_length and all(rule(x) for x in v)  # noqa: E731
+    wrapped.description = f"a list of at least {min_length} × {describe(rule)}"
+    return wrapped
+
+
+def one_or_list_of(rule: Rule) -> Rule:
+    wrapped = lambda v: rule(v) or list_of(rule)(v)  # noqa: E731
+    wrapped.description = f"{describe(rule)} or a list of them"
+    return wrapped
+
+
 def optional(rule: Rule) -> Rule:
     wrapped = lambda v: v is None or rule(v)  # noqa: E731
     wrapped.description = f"null or {describe(rule)}"
@@ -95,7 +111,7 @@ def describe(rule: Rule) -> str:
     return getattr(rule, "description", DESCRIPTIONS.get(rule, rule.__name__))
 
 
-SCHEMA: dict[str, dict[str, Rule]] = {
+TRAIN_SCHEMA: dict[str, dict[str, Rule]] = {
     "": {"seed": non_negative_int},
     "model": {
         "name": text,
@@ -139,8 +155,97 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "mode": one_of("auto", "online", "offline"),
     },
 }
-SCHEMA["train"]["betas"].description = "two numbers in [0, 1)"
-REQUIRED_GROUPS = ("model", "attention", "data", "vae", "train", "logger")
+TRAIN_SCHEMA["train"]["betas"].description = "two numbers in [0, 1)"
+
+SAMPLING_SCHEMA: dict[str, Rule] = {  # configs/sampling/default.yaml, shared by sample.py and eval.fvd
+    "steps": positive_int,
+    "cfg_scale": non_negative,
+    "seed": non_negative_int,
+    "batch_size": positive_int,
+}
+
+FVD_SCHEMA: dict[str, Rule] = {
+    "command": one_of("compute", "fetch-weights"),
+    "checkpoint": optional(text),
+    "real": optional(text),
+    "fake": optional(text),
+    "num_frames": optional(at_least(9)),
+    "stride": positive_int,
+    "max_clips": positive_int,
+    "num_samples": at_least(2),
+    "model_weights": one_of("ema", "model"),
+    "weights": optional(text),
+    "device": optional(text),
+    "split": text,
+    "stats_cache": optional(text),
+    "cache": boolean,
+    "allow_unverified_weights": boolean,
+    "out": optional(text),
+    "cache_dir": optional(text),
+    "sdist": optional(text),
+    "force": boolean,
+    **SAMPLING_SCHEMA,
+}
+
+_DEVICE = optional(one_of("cpu", "cuda"))
+_DTYPE = one_of("float32", "bfloat16", "float16")
+_VARIANTS = list_of(text)  # checked against the registry / configs/attention by the benchmark
+BENCHMARK_SCHEMAS: dict[str, dict[str, Rule]] = {
+    "attention": {
+        "tokens": list_of(positive_int), "batch": positive_int, "heads": positive_int, "head_dim": positive_int,
+        "dtype": _DTYPE, "device": _DEVICE, "variants": _VARIANTS, "budget_s": non_negative,
+        "repeats": positive_int, "warmup": non_negative_int, "hla_order": optional(positive_int),
+        "hla_rank": optional(non_negative_int), "hla_form": one_of("state", "value_modulation", "both"),
+        "fit_window": int_list(2), "isolation": one_of("auto", "subprocess", "inprocess"),
+        "threads": optional(positive_int), "seed": non_negative_int, "out": optional(text),
+        "from_json": optional(text),
+    },
+    "train": {
+        "variants": _VARIANTS, "frames": positive_int, "sizes": list_of(positive_int),
+        "channels": positive_int, "batch": positive_int, "steps": positive_int, "warmup": non_negative_int,
+        "dtype": _DTYPE, "device": _DEVICE, "budget_s": non_negative, "peak_tflops": optional(positive),
+        "threads": optional(positive_int), "out": optional(text),
+    },
+    "sample": {
+        "variants": _VARIANTS, "frames": positive_int, "size": positive_int,
+        "channels": positive_int, "steps": positive_int, "repeats": positive_int, "dtype": _DTYPE,
+        "device": _DEVICE, "out": optional(text),
+    },
+}
+for _schema in BENCHMARK_SCHEMAS.values():
+    _schema["benchmark"] = one_of(*BENCHMARK_SCHEMAS)
+
+# Root configs: {node path: {key: rule}} ("" = the root), and the groups their builders check.
+CONFIG_SCHEMAS: dict[str, dict[str, dict[str, Rule]]] = {
+    "train": TRAIN_SCHEMA,
+    "sample": {"": {
+        "checkpoint": text, "num_samples": positive_int, "labels": optional(list_of(non_negative_int)),
+        "out_dir": optional(text), "fps": optional(positive), "weights": one_of("ema", "model"), **SAMPLING_SCHEMA,
+    }},
+    "extract_latents": {"": {
+        "out": text, "batch_size": positive_int, "shard_size": positive_int, "seed": non_negative_int,
+        "cpu_threads": optional(positive_int),
+    }},
+    "fvd": {"": FVD_SCHEMA},
+    "report": {"": {"runs": one_or_list_of(text), "out": optional(text), "val_clips": non_negative_int}},
+}
+BUILDER_GROUPS: dict[str, tuple[str, ...]] = {
+    "train": ("attention", "data", "vae"),
+    "extract_latents": ("data", "vae"),
+}
+# Keys that may be absent (e.g. wandb's settings when another logger is selected).
+OPTIONAL_KEYS: dict[str, set[str]] = {"logger": {"project", "entity", "mode"}}
+
+
+def config_path(node: Mapping, key: str) -> Path | None:
+    """``node[key]`` as a path with ``~`` expanded; None when the key is absent, null, empty or ``???``."""
+    try:
+        value = node.get(key)
+    except MissingMandatoryValue:
+        return None
+    if value is None or str(value) in ("", "???"):
+        return None
+    return Path(os.path.expanduser(str(value)))
 
 
 def _plain(node):
@@ -149,24 +254,41 @@ def _plain(node):
     return node
 
 
-def validate_train_config(cfg: Mapping) -> None:
-    """Check every key of the groups in SCHEMA: known, required where present in the schema, valid."""
-    missing = [g for g in REQUIRED_GROUPS if g not in cfg]
+def _schema_of(cfg: Mapping, config_name: str) -> dict[str, dict[str, Rule]]:
+    if config_name == "throughput":
+        benchmark = cfg.get("benchmark")
+        if benchmark not in BENCHMARK_SCHEMAS:
+            raise ConfigError(f"benchmark={benchmark!r} is not valid; it must be one of {list(BENCHMARK_SCHEMAS)}")
+        schema = {"": BENCHMARK_SCHEMAS[benchmark]}
+        if "model" in cfg:  # the DiT benchmarks select a model config
+            schema["model"] = TRAIN_SCHEMA["model"]
+        return schema
+    if config_name not in CONFIG_SCHEMAS:
+        raise ConfigError(f"no schema for the config {config_name!r}; known: {sorted(CONFIG_SCHEMAS)}")
+    return CONFIG_SCHEMAS[config_name]
+
+
+def validate_config(cfg: Mapping, config_name: str) -> None:
+    """Check a composed ``configs/<config_name>.yaml`` config: keys known, required keys set, values valid."""
+    schema = _schema_of(cfg, config_name)
+    groups = [g for g in schema if g] + list(BUILDER_GROUPS.get(config_name, ()))
+    missing = [g for g in groups if g not in cfg]
     if missing:
-        raise ConfigError(f"config groups {missing} are missing; the root config must select {list(REQUIRED_GROUPS)}")
-    for group, rules in SCHEMA.items():
+        raise ConfigError(f"config groups {missing} are missing; the root config must select {groups}")
+    for group, rules in schema.items():
         node = cfg if group == "" else cfg[group]
         prefix = f"{group}." if group else ""
-        keys = set(node.keys()) if group else {k for k in node.keys() if k in rules}
-        unknown = sorted(keys - set(rules))
+        known = set(rules) | (set(groups) if group == "" else set())
+        unknown = sorted(set(node.keys()) - known)
         if unknown:
             raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(rules)}")
-        optional_keys = {"project", "entity", "mode"} if group == "logger" else set()
         for key, rule in rules.items():
             if key not in node:
-                if key in optional_keys:
+                if key in OPTIONAL_KEYS.get(group, ()):
                     continue
                 raise ConfigError(f"{prefix}{key} is missing; it must be {describe(rule)}")
+            if OmegaConf.is_missing(node, key):
+                raise ConfigError(f"{prefix}{key} is not set: pass {prefix}{key}=<value> ({describe(rule)})")
             value = _plain(node[key])
             if not rule(value):
                 raise ConfigError(f"{prefix}{key}={value!r} is not valid; it must be {describe(rule)}")

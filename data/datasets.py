@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import Dataset
 
+from configs.files import atomic_write_text
+from configs.logs import get_logger
+from configs.schema import config_path
 from data.demo import ensure_demo_videos
-from data.video import (
-    VIDEO_EXTENSIONS,
-    VideoInfo,
-    VideoReadError,
-    atomic_write_text,
-    probe_video,
-    read_frames,
-)
+from data.video import VIDEO_EXTENSIONS, VideoInfo, VideoReadError, probe_video, read_frames
+
+logger = get_logger(__name__)
 
 RESIZE_MODES = ("crop", "full")
 _SHOWN_SKIPS = 10  # how many skipped files a warning or error message lists
@@ -63,7 +59,7 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _video_files(root: Path) -> list[Path]:
+def list_video_files(root: Path) -> list[Path]:
     """Every video file under ``root`` (recursive, sorted, hidden paths excluded)."""
     return sorted(
         path
@@ -136,7 +132,7 @@ def _folder_candidates(
     With ``num_classes > 0`` the label is the index of the first-level sub-folder name in
     the sorted list of such names; files directly in ``root`` are skipped.
     """
-    files = _video_files(root)
+    files = list_video_files(root)
     if num_classes == 0:
         return [_Candidate(path, None, None) for path in files], [], []
     class_of = {path: path.relative_to(root).parts[0] for path in files
@@ -261,7 +257,7 @@ class VideoClipDataset(Dataset):
         if not self.entries:
             raise ValueError(self._empty_message())
         if self.skipped:
-            warnings.warn(self._skip_summary(), stacklevel=2)
+            logger.warning(self._skip_summary())
 
     # ----------------------------------------------------------------- construction
 
@@ -390,7 +386,7 @@ class VideoClipDataset(Dataset):
     def _mark_unreadable(self, index: int, error: VideoReadError) -> None:
         self._unreadable.add(index)
         self.skipped.append((error.path, f"read failed: {error.reason}"))
-        warnings.warn(f"{error}; serving the next video instead (recorded in .skipped)")
+        logger.warning(f"{error}; serving the next video instead (recorded in .skipped)")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
@@ -431,17 +427,6 @@ CONFIG_KEYS = {
 }
 
 
-def _config_path(data_cfg: Mapping, key: str) -> Path | None:
-    """``data_cfg[key]`` as a path with ``~`` expanded; None when unset or ``???``."""
-    try:
-        value = data_cfg.get(key)
-    except MissingMandatoryValue:
-        return None
-    if value is None or str(value) in ("", "???"):
-        return None
-    return Path(os.path.expanduser(str(value)))
-
-
 def _checked_config(data_cfg: Mapping) -> str:
     """The config's ``name`` after checking it and its keys."""
     name = data_cfg.get("name")
@@ -460,7 +445,7 @@ def _checked_config(data_cfg: Mapping) -> str:
     missing = [key for key in _CLIP_KEYS if key not in data_cfg]
     if missing:  # configs/data/*.yaml are the only home of default values
         raise ValueError(f"the data={name} config lacks key(s) {missing}; see configs/data/{name}.yaml")
-    if _config_path(data_cfg, "root") is None:
+    if config_path(data_cfg, "root") is None:
         example = "/folder/for/demo/videos" if name == "demo" else "/path/to/videos"
         raise ValueError(f"data.root is not set: pass data.root={example}")
     return name
@@ -478,7 +463,7 @@ def build_video_dataset(data_cfg: Mapping, *, seed: int) -> VideoClipDataset:
     options = {key: data_cfg[key] for key in _CLIP_KEYS}
     options["seed"] = seed
     _check_options(**options)
-    root = _config_path(data_cfg, "root")
+    root = config_path(data_cfg, "root")
     if name == "demo":
         _require_int("num_videos", data_cfg.get("num_videos"), 1)
         _require_positive("fps", data_cfg.get("fps"))
@@ -491,5 +476,5 @@ def build_video_dataset(data_cfg: Mapping, *, seed: int) -> VideoClipDataset:
             fps=data_cfg["fps"],
         )
     else:
-        manifest = _config_path(data_cfg, "manifest")
+        manifest = config_path(data_cfg, "manifest")
     return VideoClipDataset(root, manifest, **options)

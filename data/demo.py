@@ -19,15 +19,16 @@ import csv
 import fcntl
 import io
 import json
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from data.video import atomic_write_text, write_mp4
+from configs.files import atomic_write_text
+from configs.logs import get_logger
+from data.video import write_mp4
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 GENERATOR_VERSION = 1  # bump when the drawing changes, so that old caches are regenerated
 MANIFEST_NAME = "manifest.csv"

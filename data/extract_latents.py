@@ -19,22 +19,22 @@ See ``data/latents.py`` for the directory format and docs/data.md for the whole 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
+from configs.entry import entry_point
+from configs.files import atomic_output_path, atomic_write_text, is_temporary
+from configs.logs import get_logger, progress
+from configs.processes import end_processes, process_state
+from configs.schema import config_path
 from data.datasets import CONFIG_KEYS, VideoClipDataset, build_video_dataset
 from data.latents import (
     FORMAT,
@@ -48,8 +48,8 @@ from data.latents import (
 )
 from data.sampler import sample_seed
 from data.vae import VideoVAE, build_vae
-from data.video import atomic_output_path
-from dit.checkpoint import write_text_atomic
+
+logger = get_logger(__name__)
 
 _SHOWN_SKIPS = 20
 _UMASK = os.umask(0o022)
@@ -61,23 +61,6 @@ class ExtractionError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
-    value = cfg.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ExtractionError(f"{key}={value!r} is not valid; it must be an integer >= {minimum}")
-    return value
-
-
-def _out_dir(cfg: DictConfig) -> Path:
-    try:
-        value = cfg.get("out")
-    except MissingMandatoryValue:
-        value = None
-    if value is None or str(value) in ("", "???"):
-        raise ExtractionError("out is not set: pass out=<directory for the latent shards>")
-    return Path(os.path.expanduser(str(value)))
 
 
 def data_settings(data_cfg: DictConfig) -> dict:
@@ -143,13 +126,13 @@ def remove_stale_temporaries(out: Path) -> list[str]:
     """Delete hidden temporary files that an interrupted run left in ``out``."""
     removed = []
     for path in sorted(out.glob(".*")):
-        if path.is_file() and ".tmp" in path.name:
+        if path.is_file() and is_temporary(path):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
 
 
-def scan_shards(out: Path, settings: dict, plans: list[dict], num_shards: int, warn=print) -> list[int]:
+def scan_shards(out: Path, settings: dict, plans: list[dict], num_shards: int) -> list[int]:
     """Indices of the shards already complete in ``out``.
 
     Raises ExtractionError when ``out`` holds latents of other settings or other data, so
@@ -169,7 +152,7 @@ def scan_shards(out: Path, settings: dict, plans: list[dict], num_shards: int, w
             )
         found = read_shard_metadata(path)
         if found is None:  # not produced by a finished write: encode it again
-            warn(f"warning: {path} is unreadable; encoding it again", flush=True)
+            logger.warning(f"{path} is unreadable; encoding it again")
             continue
         metadata, shape = found
         if metadata.get("settings") != settings:
@@ -191,19 +174,6 @@ def scan_shards(out: Path, settings: dict, plans: list[dict], num_shards: int, w
 # --------------------------------------------------------------------------- extraction
 
 
-def _process_state():
-    """This process's rank, world and device under ``accelerate launch`` (or alone).
-
-    On CPU, ``PartialState()`` must be told so (``cpu=True``): without it accelerate 1.15
-    leaves a 2-process CPU launch in ``DistributedType.NO`` (every process rank 0 of 1, or
-    barriers that do not wait), and shards would be written twice or read too early.
-    """
-    from accelerate import PartialState
-
-    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return PartialState(cpu=use_cpu)
-
-
 def _batches(shards: list[int], plans: list[dict], shard_size: int, batch_size: int, seed: int) -> list[list]:
     """Dataset keys in batches of at most ``batch_size`` that never cross a shard boundary."""
     batches = []
@@ -217,19 +187,15 @@ def _batches(shards: list[int], plans: list[dict], shard_size: int, batch_size: 
 
 def extract(cfg: DictConfig) -> dict:
     """Run the extraction described by an ``extract_latents`` config; returns the report (rank 0)."""
-    out = _out_dir(cfg)
-    batch_size = _positive_int(cfg, "batch_size")
-    shard_size = _positive_int(cfg, "shard_size")
-    seed = _positive_int(cfg, "seed", minimum=0)
-    threads = cfg.get("cpu_threads")
-    if threads is not None:
-        torch.set_num_threads(_positive_int(cfg, "cpu_threads"))
+    out = config_path(cfg, "out")
+    batch_size, shard_size, seed = cfg.batch_size, cfg.shard_size, cfg.seed
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
     if torch.cuda.is_available():  # the same bytes on every run
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
-    state = _process_state()
+    state = process_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
-    say = print if main else (lambda *args, **kwargs: None)
     started = time.perf_counter()
 
     # VAE and clip shape first: a clip shape the VAE cannot encode fails before probing any file.
@@ -243,10 +209,7 @@ def extract(cfg: DictConfig) -> dict:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (num_frames, resolution)):
         raise ExtractionError(f"data.num_frames and data.resolution must be integers, got {num_frames!r}, {resolution!r}")
     latent_shape = list(vae.latent_shape(num_frames, resolution, resolution))
-    with warnings.catch_warnings():
-        if not main:  # the skipped-files warning once, from rank 0
-            warnings.simplefilter("ignore")
-        dataset = build_video_dataset(cfg.data, seed=seed)
+    dataset = build_video_dataset(cfg.data, seed=seed)
     probe_skipped = list(dataset.skipped)  # read failures are added from the shards at the end
 
     identity = vae.identity_key()
@@ -267,21 +230,21 @@ def extract(cfg: DictConfig) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for name in remove_stale_temporaries(out):
-            say(f"removed stale temporary file {out / name}")
+            logger.info(f"removed stale temporary file {out / name}")
     state.wait_for_everyone()
-    done = set(scan_shards(out, settings, plans, num_shards, warn=say))
+    done = set(scan_shards(out, settings, plans, num_shards))
     pending = [k for k in range(num_shards) if k not in done]
     state.wait_for_everyone()  # every rank has scanned before any rank writes
     if main and pending and (out / MANIFEST_NAME).exists():
         (out / MANIFEST_NAME).unlink()  # readers must never see a manifest while shards are missing
     pending_clips = sum(len(plans[k]["clips"]) for k in pending)
-    say(f"{num_clips} clips from {dataset.source} -> latents {tuple(latent_shape)} with {vae.name} VAE; "
+    logger.info(f"{num_clips} clips from {dataset.source} -> latents {tuple(latent_shape)} with {vae.name} VAE; "
         f"{num_shards} shard(s) of up to {shard_size} clips in {out}; {len(done)} already complete, "
-        f"{len(pending)} to encode ({pending_clips} clips) on {world} process(es)", flush=True)
+        f"{len(pending)} to encode ({pending_clips} clips) on {world} process(es)")
 
     mine = [k for k in pending if k % world == rank]
     encode_started = time.perf_counter()
-    _encode_shards(cfg, dataset, vae, out, mine, plans, settings, shard_size, batch_size, seed, main, world)
+    _encode_shards(cfg, dataset, vae, out, mine, plans, settings, shard_size, batch_size, seed, world)
     state.wait_for_everyone()
     encode_seconds = time.perf_counter() - encode_started
 
@@ -294,12 +257,11 @@ def extract(cfg: DictConfig) -> dict:
     state.wait_for_everyone()
     # Drop everything before tearing down the process group (avoids the gloo abort at exit).
     del vae, dataset
-    gc.collect()
-    state.destroy_process_group()
+    end_processes(state)
     return report
 
 
-def _encode_shards(cfg, dataset, vae, out, shards, plans, settings, shard_size, batch_size, seed, main, world):
+def _encode_shards(cfg, dataset, vae, out, shards, plans, settings, shard_size, batch_size, seed, world):
     """Encode ``shards`` (this rank's) and write each as soon as its last batch is done."""
     batches = _batches(shards, plans, shard_size, batch_size, seed)
     if not batches:
@@ -307,17 +269,16 @@ def _encode_shards(cfg, dataset, vae, out, shards, plans, settings, shard_size, 
     num_workers = int(cfg.data.get("num_workers") or 0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
     total = sum(len(b) for b in batches)
-    progress = tqdm(total=total, disable=not main, unit="clip", desc=f"encode (rank 0 of {world})",
-                    dynamic_ncols=True)
+    bar = progress(total=total, unit="clip", desc=f"encode (rank 0 of {world})")
     pieces, rows, started = [], [], time.perf_counter()
     for keys, batch in zip(batches, loader):
         shard = keys[0][0] // shard_size
         pieces.append((vae.encode(batch["video"].to(vae_device(vae))).cpu(), batch["label"]))
         for (index, _), served in zip(keys, batch["index"].tolist()):
             rows.append((index, served))
-        progress.update(len(keys))
+        bar.update(len(keys))
         if world > 1:
-            progress.set_postfix_str(f"all ranks ~{progress.n * world / (time.perf_counter() - started):.1f} clip/s")
+            bar.set_postfix_str(f"all ranks ~{bar.n * world / (time.perf_counter() - started):.1f} clip/s")
         if len(rows) == len(plans[shard]["clips"]):
             latents = torch.cat([p[0] for p in pieces])
             labels = torch.cat([p[1] for p in pieces])
@@ -330,7 +291,7 @@ def _encode_shards(cfg, dataset, vae, out, shards, plans, settings, shard_size, 
             metadata = {"settings": settings, "shard": shard, "plan": plans[shard]["hash"], "clips": clips}
             write_shard(out / shard_name(shard), latents, labels, metadata)
             pieces, rows = [], []
-    progress.close()
+    bar.close()
 
 
 def vae_device(vae: VideoVAE) -> torch.device:
@@ -375,7 +336,7 @@ def _finish(out, dataset, probe_skipped, identity, settings, plans, latent_shape
         "skipped": [[str(p), str(r)] for p, r in skipped],
         "clips": clips,
     }
-    write_text_atomic(out / MANIFEST_NAME, manifest_text(manifest))
+    atomic_write_text(out / MANIFEST_NAME, manifest_text(manifest))
     return {"num_clips": len(clips), "num_shards": len(shards), "skipped": skipped}
 
 
@@ -393,27 +354,24 @@ def manifest_text(manifest: dict) -> str:
 
 def _print_report(report: dict, out: Path) -> None:
     rate = report["clips_encoded"] / report["encode_seconds"] if report["encode_seconds"] > 0 else 0.0
-    print(
+    logger.info(
         f"done: encoded {report['clips_encoded']} clips in {report['encode_seconds']:.1f} s ({rate:.2f} clips/s on "
         f"{report['processes']} process(es)); {report['shards_reused']} shard(s) were already complete; "
         f"{report['num_clips']} clips in {report['num_shards']} shard(s); total {report['total_seconds']:.1f} s",
-        flush=True,
     )
     skipped = report["skipped"]
     if skipped:
-        print(f"skipped {len(skipped)} file(s) (listed in {out / SKIPPED_NAME}):")
+        logger.info(f"skipped {len(skipped)} file(s) (listed in {out / SKIPPED_NAME}):")
         for path, reason in skipped[:_SHOWN_SKIPS]:
-            print(f"  {path}: {reason}")
+            logger.info(f"  {path}: {reason}")
         if len(skipped) > _SHOWN_SKIPS:
-            print(f"  ... and {len(skipped) - _SHOWN_SKIPS} more")
+            logger.info(f"  ... and {len(skipped) - _SHOWN_SKIPS} more")
     else:
-        print("skipped 0 files")
-    print(f"manifest: {out / MANIFEST_NAME}", flush=True)
+        logger.info("skipped 0 files")
+    logger.info(f"manifest: {out / MANIFEST_NAME}")
 
 
-@hydra.main(config_path="../configs", config_name="extract_latents", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    extract(cfg)
+main = entry_point("extract_latents")(extract)
 
 
 if __name__ == "__main__":

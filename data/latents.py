@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from safetensors import safe_open
 from torch.utils.data import Dataset
+
+from configs.schema import config_path
+from data import vae as vae_module
 
 FORMAT = "linvid-latents"
 FORMAT_VERSION = 1
@@ -72,8 +74,6 @@ def vae_identity_key(vae_cfg: Mapping) -> dict[str, str]:
     config.json and the latent scaling) depends on. Falls back to loading the VAE if that
     is not possible. Raises the same errors as ``build_vae`` for bad configs.
     """
-    from data import vae as vae_module
-
     cfg = vae_cfg if isinstance(vae_cfg, DictConfig) else OmegaConf.create(dict(vae_cfg))
     vae_class = vae_module.VAE_REGISTRY.get(cfg.get("name"))
     if vae_class is None or not issubclass(vae_class, vae_module.DiffusersVAE):
@@ -149,18 +149,6 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
-def _config_root(data_cfg: Mapping) -> Path:
-    try:
-        value = data_cfg.get("root")
-    except MissingMandatoryValue:
-        value = None
-    if value is None or str(value) in ("", "???"):
-        raise LatentDirectoryError(
-            "data.root is not set: pass data.root=<latent directory written by python -m data.extract_latents>"
-        )
-    return Path(os.path.expanduser(str(value)))
-
-
 def _check_config(data_cfg: Mapping) -> None:
     if data_cfg.get("name") != "latents":
         raise LatentDirectoryError(f"LatentDataset needs a data=latents config, got data.name={data_cfg.get('name')!r}")
@@ -176,6 +164,17 @@ def _check_config(data_cfg: Mapping) -> None:
     num_classes = data_cfg.get("num_classes")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise LatentDirectoryError(f"data.num_classes must be an integer >= 0, got {num_classes!r}")
+
+
+def latent_root(data_cfg: Mapping) -> Path:
+    """The latent directory of a ``data=latents`` config, after checking the config's keys."""
+    _check_config(data_cfg)
+    root = config_path(data_cfg, "root")
+    if root is None:
+        raise LatentDirectoryError(
+            "data.root is not set: pass data.root=<latent directory written by python -m data.extract_latents>"
+        )
+    return root
 
 
 # --------------------------------------------------------------------------- dataset
@@ -221,16 +220,9 @@ class LatentDataset(Dataset):
     @classmethod
     def from_config(cls, data_cfg: Mapping, *, vae_cfg: Mapping) -> "LatentDataset":
         """The dataset of a ``data=latents`` config, checked against the run's ``vae`` config."""
-        _check_config(data_cfg)
-        root = _config_root(data_cfg)
+        root = latent_root(data_cfg)
         read_manifest(root)  # a missing directory or manifest is the first thing to report
         return cls(root, num_classes=data_cfg["num_classes"], vae_key=vae_identity_key(vae_cfg))
-
-    @staticmethod
-    def latent_shape_from_config(data_cfg: Mapping) -> tuple[int, ...]:
-        """(C, T, H, W) of one clip, from the manifest alone (no shard is opened)."""
-        _check_config(data_cfg)
-        return tuple(int(n) for n in read_manifest(_config_root(data_cfg))["latent_shape"])
 
     def _refuse(self, reason: str) -> LatentDirectoryError:
         return LatentDirectoryError(f"latent directory {self.root} refused: {reason}")

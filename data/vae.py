@@ -482,16 +482,3 @@ def build_vae(
         valid = ", ".join(vae_class.config_keys)
         raise ValueError(f"Unknown key(s) {unknown} in the vae={name} config; valid keys: {valid}")
     return vae_class.from_config(cfg, device, dtype)
-
-
-def data_latent_shape(data_cfg: DictConfig, vae: VideoVAE) -> tuple[int, int, int, int]:
-    """Shape (C, T, H, W) of one training sample in latent space, from configs alone.
-
-    Video data: the VAE's latent shape for the configured clip (raises for clips the
-    VAE cannot encode). Pre-extracted latents: the shape recorded in their manifest.
-    """
-    if data_cfg.name == "latents":
-        from .latents import LatentDataset  # only needed for pre-extracted latents
-
-        return tuple(LatentDataset.latent_shape_from_config(data_cfg))
-    return tuple(vae.latent_shape(data_cfg.num_frames, data_cfg.resolution, data_cfg.resolution))

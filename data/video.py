@@ -22,9 +22,9 @@ back, which is what tests and benchmarks want.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from configs.files import atomic_write_bytes
 
 try:  # decord has no aarch64 wheel; PyAV alone is enough.
     import decord
@@ -278,29 +280,6 @@ def read_frames(
     return np.ascontiguousarray(frames, dtype=np.uint8)
 
 
-@contextlib.contextmanager
-def atomic_output_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
-
-    Creates parent folders. On error the temporary file is removed and ``path`` is left as
-    it was, so readers never see a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_output_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
 def _validate_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
@@ -318,30 +297,39 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, pad, mode="edge") if any(p[1] for p in pad) else frames
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int | float) -> None:
-    """Write RGB ``frames`` (uint8, (T, H, W, 3)) to an H.264 yuv420p mp4 at ``fps`` frames/s.
+def encode_mp4(frames: np.ndarray, fps: int | float) -> bytes:
+    """Encode RGB ``frames`` (uint8, (T, H, W, 3)) as the bytes of an H.264 yuv420p mp4 at ``fps`` frames/s.
 
     The bytes depend only on the frames, the rate and the PyAV/FFmpeg/x264 versions
-    (single-threaded x264, fixed CRF, no wall-clock timestamps). yuv420p needs even sizes,
-    so an odd height or width is padded by repeating the last row or column: the file
-    then decodes to H+1 or W+1. The write is atomic and parent folders are created.
+    (single-threaded x264, fixed CRF, no wall-clock timestamps). The container is muxed in
+    memory: muxing straight into a file gave different bytes for the same frames from one
+    write to the next. yuv420p needs even sizes, so an odd height or width is padded by
+    repeating the last row or column: the video then decodes to H+1 or W+1.
     """
     frames = _pad_to_even(_validate_frames(frames))
     if not fps or fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     rate = Fraction(fps).limit_denominator(1001)
-    with atomic_output_path(path) as temporary:
-        with av.open(str(temporary), "w", format="mp4") as container:
-            stream = container.add_stream(
-                "libx264", rate=rate, options={"crf": str(MP4_CRF), "threads": "1"}
-            )
-            stream.height, stream.width = frames.shape[1:3]
-            stream.pix_fmt = "yuv420p"
-            for index, array in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-                frame.pts, frame.time_base = index, 1 / rate
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate, options={"crf": str(MP4_CRF), "threads": "1"})
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = index, 1 / rate
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int | float) -> None:
+    """Write RGB ``frames`` (uint8, (T, H, W, 3)) to ``path`` as an mp4 (see :func:`encode_mp4`).
+
+    The same frames and rate always give the same bytes. The write is atomic and parent
+    folders are created.
+    """
+    atomic_write_bytes(path, encode_mp4(frames, fps))
 
 
 def tile_videos(videos: Sequence[np.ndarray], ncols: int | None = None) -> np.ndarray:

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from configs.files import atomic_write_text, fsync_dir, fsync_file
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 INDEX = "checkpoint.json"
@@ -50,26 +52,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new content, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -114,12 +96,11 @@ def finish_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Pat
         write(tmp / name)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files}
-    write_text_atomic(tmp / INDEX, json.dumps({"step": step, "files": sizes}, indent=2))
+    atomic_write_text(tmp / INDEX, json.dumps({"step": step, "files": sizes}, indent=2))
     for p in files:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(p)
     for directory in {p.parent for p in files}:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -127,8 +108,8 @@ def finish_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Pat
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
-    write_text_atomic(root / LATEST, final.name + "\n")
+    fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
     return final
 
 
@@ -220,7 +201,7 @@ def load_dit_for_sampling(checkpoint: Path, run_cfg, latent_shape, weights: str 
     """The DiT of a checkpoint with its EMA (``weights="ema"``) or raw (``"model"``) weights, in eval mode.
 
     run_cfg: the checkpoint's ``config.yaml``; latent_shape: (C, T, H, W) of the run's
-    latents (``data.vae.data_latent_shape``).
+    latents (``data.training_data.TrainingData.latent_shape``).
     """
     from .model import build_dit
 

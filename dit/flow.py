@@ -10,15 +10,17 @@ Sampling integrates from t = 1 to 0 with diffusers' ``FlowMatchEulerDiscreteSche
 using the same shift.
 
 All randomness comes from explicit ``torch.Generator`` objects (the trainer seeds one
-per sample from its global stream position), so that a step is a pure function of the
-seed and the data position: this is what makes resume bitwise exact and results
-independent of the number of processes.
+per sample from its global stream position, :func:`training_randomness`), so that a step
+is a pure function of the seed and the data position: this is what makes resume bitwise
+exact and results independent of the number of processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -36,36 +38,46 @@ def sample_flow_time(batch: int, *, mean: float, std: float, shift: float, gener
     return shift_time(torch.sigmoid(mean + std * z), shift)
 
 
-def rectified_flow_loss(
-    model: Callable[..., Tensor],
-    x0: Tensor,
-    *,
-    labels: Tensor | None,
-    drop_labels: Tensor | None,
-    time_mean: float,
-    time_std: float,
-    time_shift: float,
-    generator: torch.Generator | None = None,
-    noise: Tensor | None = None,
-    t: Tensor | None = None,
-) -> Tensor:
-    """Mean squared error between the predicted and true velocity, in float32.
+def draw_noise_and_time(shape: Sequence[int], generator: torch.Generator, *, time_mean: float, time_std: float,
+                        time_shift: float) -> tuple[Tensor, Tensor]:
+    """Noise ε of ``shape`` (B, ...) and flow times t (B,) from one generator (benchmarks, tests)."""
+    noise = torch.randn(tuple(shape), generator=generator, device=generator.device)
+    return noise, sample_flow_time(shape[0], mean=time_mean, std=time_std, shift=time_shift, generator=generator)
 
-    x0: clean latents (B, C, T, H, W). Either ``generator`` draws the noise ε (like x0)
-    and the flow times t (B,) on its device (CPU by default, so runs are reproducible
-    across devices), or the caller passes both ``noise`` and ``t`` (e.g. drawn per
-    sample, see ``train.sample_randomness``); they are moved to x0's device.
+
+def training_randomness(seed: int, positions: Sequence[int], latent_shape: Sequence[int], *, time_mean: float,
+                        time_std: float, time_shift: float, dropout_prob: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Noise ε (B, C, T, H, W), flow times t (B,) and conditioning-dropout flags (B,) bool of a micro-batch.
+
+    ``positions`` are the samples' global positions in the data stream. Each sample's values
+    come from a CPU generator seeded by (seed, its position), so a sample is trained on
+    identically whichever rank, micro-step or process count it falls to: 2 processes × batch
+    b, 1 process × batch 2b and 1 process × batch b × 2 accumulation steps are the same
+    training, and a resumed run draws exactly what an uninterrupted one would.
     """
-    if noise is None or t is None:
-        if generator is None:
-            raise ValueError("rectified_flow_loss needs a generator, or both noise and t")
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
-        t = sample_flow_time(x0.shape[0], mean=time_mean, std=time_std, shift=time_shift, generator=generator)
+    noise, times, drops = [], [], []
+    for position in positions:
+        state = np.random.SeedSequence([seed, position, 0xF10]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        noise.append(torch.randn(tuple(latent_shape), generator=generator))
+        times.append(sample_flow_time(1, mean=time_mean, std=time_std, shift=time_shift, generator=generator))
+        drops.append(torch.rand(1, generator=generator) < dropout_prob)
+    return torch.stack(noise), torch.cat(times), torch.cat(drops)
+
+
+def rectified_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor, t: Tensor,
+                        **conditioning: Any) -> Tensor:
+    """Mean squared error between the predicted and the true velocity ε − x₀, in float32.
+
+    x0, noise: (B, C, T, H, W); t: (B,) flow times in [0, 1] (moved to x0's device).
+    The model is called as ``model(x_t, t, **conditioning)`` (e.g. ``y=labels,
+    drop_labels=...`` for the class-conditional DiT) and returns a tensor like x_t.
+    """
     noise, t = noise.to(x0.device, torch.float32), t.to(x0.device, torch.float32)
     t_b = t.view(-1, *([1] * (x0.dim() - 1)))
     x0 = x0.float()
     x_t = (1 - t_b) * x0 + t_b * noise
-    prediction = model(x_t.to(x0.dtype), t, labels, drop_labels)
+    prediction = model(x_t, t, **conditioning)
     return F.mse_loss(prediction.float(), noise - x0)
 
 

@@ -1,1 +1,1 @@
-"""Evaluation tools for linvid: FVD (``eval.fvd``, ``eval.i3d``) and throughput measurement."""
+"""Evaluation: FVD (``eval.fvd``), throughput benchmarks (``eval.throughput``), run comparison reports (``eval.report``)."""

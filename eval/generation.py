@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.vae import VideoVAE, build_vae, data_latent_shape
+from data.training_data import TrainingData
+from data.vae import VideoVAE, build_vae
 from dit.checkpoint import load_dit_for_sampling, resolve_checkpoint
 from dit.model import VideoDiT
 
@@ -40,7 +41,7 @@ def load_sampling_setup(checkpoint: str | Path, device: str | torch.device,
     checkpoint = resolve_checkpoint(checkpoint)
     run_cfg = load_run_config(checkpoint)
     vae = build_vae(run_cfg.vae, device=device)
-    model = load_dit_for_sampling(checkpoint, run_cfg, data_latent_shape(run_cfg.data, vae), weights)
+    model = load_dit_for_sampling(checkpoint, run_cfg, TrainingData.of_run(run_cfg).latent_shape(vae), weights)
     return model.to(device), vae, run_cfg
 
 

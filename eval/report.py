@@ -1,7 +1,8 @@
 """Compare training runs: one markdown report with a table and PNG plots.
 
-    python -m eval.report multirun/2026-11-22_18-00-00            # a sweep directory
-    python -m eval.report outputs/tiny-softmax-demo outputs/tiny-mhla-demo --out reports/demo
+    python -m eval.report runs=[multirun/2026-11-22_18-00-00]        # a sweep directory
+    python -m eval.report runs=[outputs/tiny-softmax-demo,outputs/tiny-mhla-demo] out=reports/demo
+    python -m eval.report multirun/2026-11-22_18-00-00               # shorthand for runs=[...]
 
 For each run (a directory with ``checkpoints/``) the table lists the attention variant,
 model, steps, final training loss (mean of the last 10 % of logged steps), a validation
@@ -13,17 +14,26 @@ against tokens per sample.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from data.datasets import build_video_dataset
-from data.vae import build_vae, data_latent_shape
+from configs.entry import entry_point
+from configs.files import atomic_write_text
+from configs.logs import get_logger
+from data.training_data import TrainingData
+from data.vae import build_vae
 from dit.checkpoint import CHECKPOINTS, latest_checkpoint, load_dit_for_sampling
+from eval.metrics import read_metrics
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+logger = get_logger(__name__)
 
 # Flow times at which the validation loss is averaged (the same for every run).
 VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -38,13 +48,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
         elif path.is_dir():
             runs += sorted(p.parent for p in path.glob(f"**/{CHECKPOINTS}") if p.is_dir())
     if not runs:
-        raise SystemExit(f"no run directories (with {CHECKPOINTS}/) under {[str(p) for p in paths]}")
+        raise FileNotFoundError(f"no run directories (with {CHECKPOINTS}/) under {[str(p) for p in paths]}")
     return sorted(dict.fromkeys(runs))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def final_loss(records: list[dict]) -> float:
@@ -64,17 +69,13 @@ def validation_loss(checkpoint: Path, num_clips: int) -> float:
     with noise seeded per clip and flow times fixed to VALIDATION_TIMES."""
     run_cfg = OmegaConf.load(checkpoint / "config.yaml")
     vae = build_vae(run_cfg.vae)
-    model = load_dit_for_sampling(checkpoint, run_cfg, data_latent_shape(run_cfg.data, vae))
-    if run_cfg.data.name == "latents":
-        from data.latents import LatentDataset
-
-        dataset = LatentDataset.from_config(run_cfg.data, vae_cfg=run_cfg.vae)
-    else:
-        dataset = build_video_dataset(run_cfg.data, seed=run_cfg.seed)
+    data = TrainingData.of_run(run_cfg)
+    model = load_dit_for_sampling(checkpoint, run_cfg, data.latent_shape(vae))
+    dataset = data.dataset(centred=True)
     losses = []
     for index in range(min(num_clips, len(dataset))):
         item = dataset[(index, index)]
-        x0 = item["latents"] if "latents" in item else vae.encode(item["video"][None])[0]
+        x0 = data.clean_latents({k: v[None] for k, v in item.items() if k in ("latents", "video")}, vae, "cpu")[0]
         label = item["label"][None] if model.num_classes else None
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(index))
         for t in VALIDATION_TIMES:
@@ -133,11 +134,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     loss_png, speed_png = out / "loss_curves.png", out / "throughput_vs_tokens.png"
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
@@ -164,30 +160,31 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return [loss_png, speed_png]
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories or sweep directories")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first path>/report)")
-    parser.add_argument("--val-clips", type=int, default=16, help="clips for the validation loss (0 = skip)")
-    args = parser.parse_args(argv)
-    out = args.out or args.runs[0] / "report"
+def run(cfg: DictConfig) -> Path:
+    """Write ``report.md``, ``report.json`` and the plots for the runs of a checked ``report`` config."""
+    paths = [Path(p).expanduser() for p in ([cfg.runs] if isinstance(cfg.runs, str) else cfg.runs)]
+    out = Path(cfg.out) if cfg.out else paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
-    rows = [summarise(run, args.val_clips) for run in find_runs(args.runs)]
+    rows = [summarise(run_dir, cfg.val_clips) for run_dir in find_runs(paths)]
     plots = plot(rows, out)
     text = "\n\n".join([
         "# Run comparison",
         f"Runs: {', '.join(r['path'] for r in rows)}",
         markdown_table(rows),
         f"Final loss: mean training loss over the last 10 % of logged steps. Validation loss: EMA weights on the "
-        f"first {args.val_clips} clips of each run's data, per-clip seeded noise, flow times {list(VALIDATION_TIMES)}. "
+        f"first {cfg.val_clips} clips of each run's data, per-clip seeded noise, flow times {list(VALIDATION_TIMES)}. "
         f"Throughput: mean over the second half of logged steps, per run as logged (global batch).",
         *[f"![{p.stem}]({p.name})" for p in plots],
     ])
-    (out / "report.md").write_text(text + "\n")
-    (out / "report.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in rows], indent=2))
-    print(text)
-    print(f"\nwrote {out / 'report.md'}")
+    atomic_write_text(out / "report.md", text + "\n")
+    atomic_write_text(out / "report.json",
+                      json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in rows], indent=2))
+    logger.info(text)
+    logger.info(f"\nwrote {out / 'report.md'}")
     return out / "report.md"
+
+
+main = entry_point("report", positional_key="runs")(run)
 
 
 if __name__ == "__main__":

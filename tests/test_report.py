@@ -2,17 +2,18 @@
 
 import json
 
-from eval.report import main as report_main
-from tests.test_train import env, train  # noqa: F401  (env is a fixture)
+from configs.entry import compose_config
+from eval.report import run as write_report
+from tests.runs import train
 
 
-def test_report_compares_two_real_runs(tmp_path, env, monkeypatch):  # noqa: F811
+def test_report_compares_two_real_runs(tmp_path, cache_env):
     for attention in ("softmax", "mhla"):
         train(tmp_path / "sweep" / attention, f"attention={attention}", "train.max_steps=3",
-              "train.num_val_samples=0", env=env)
-    monkeypatch.setenv("LINVID_CACHE", env["LINVID_CACHE"])
+              "train.num_val_samples=0", env=cache_env)
     out = tmp_path / "report"
-    report = report_main([str(tmp_path / "sweep"), "--out", str(out), "--val-clips", "2"])
+    report = write_report(compose_config("report", [str(tmp_path / "sweep"), f"out={out}", "val_clips=2"],
+                                   positional_key="runs"))
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith(("| mhla", "| softmax"))]
     assert [row.split("|")[2].strip() for row in rows] == ["mhla", "softmax"]

@@ -8,23 +8,24 @@ import time
 
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 
+from configs.entry import compose_config
 from eval import throughput
-from eval.throughput import (
-    attention_analysis,
-    build_attention_case,
-    fit_exponent,
-    main,
-    time_calls,
-    token_grid,
-)
+from eval.attention_benchmark import build_attention_case, token_grid
+from eval.attention_report import attention_analysis
+from eval.benchmark import fit_exponent, time_calls
 
-TINY = ["--tokens", "64", "128", "--heads", "2", "--head-dim", "16", "--hla-rank", "4",
-        "--repeats", "1", "--warmup", "0", "--isolation", "inprocess"]
+TINY = ["tokens=[64,128]", "heads=2", "head_dim=16", "hla_rank=4", "repeats=1", "warmup=0", "isolation=inprocess"]
+
+
+def benchmark(args: list[str]) -> dict:
+    """``python -m eval.throughput <args>`` in-process: the checked config, then the benchmark."""
+    return throughput.run(compose_config("throughput", args, positional_key="benchmark"))
 
 
 def test_writes_json_markdown_png_with_rows_for_every_variant(tmp_path):
-    result = main(["attention", *TINY, "--hla-form", "both", "--out", str(tmp_path)])
+    result = benchmark(["attention", *TINY, "hla_form=both", f"out={tmp_path}"])
     labels = ["softmax", "linear", "hla[state]", "hla[value_modulation]", "mhla"]
     assert result["labels"] == labels
     for name in ("attention.json", "attention.md", "attention.png"):
@@ -51,18 +52,16 @@ def test_writes_json_markdown_png_with_rows_for_every_variant(tmp_path):
     for label in labels:
         assert f"| {label} |" in markdown  # a row in the exponent table
 
-    # --from-json rebuilds the report without measuring
-    again = main(["attention", "--from-json", str(tmp_path / "attention.json"), "--out", str(tmp_path / "re")])
+    # from_json rebuilds the report without measuring
+    again = benchmark(["attention", f"from_json={tmp_path / 'attention.json'}", f"out={tmp_path / 're'}"])
     assert again["points"] == saved["points"]
     assert (tmp_path / "re" / "attention.md").read_text() == markdown
     assert (tmp_path / "re" / "attention.png").stat().st_size > 0
 
 
 def test_budget_cutoff_stops_each_variant_after_the_first_point(tmp_path):
-    args = [a for a in TINY if a not in ("64", "128")]
-    args[args.index("--tokens") + 1 : args.index("--tokens") + 1] = ["64", "128", "256"]
-    result = main(["attention", *args, "--warmup", "1", "--budget-s", "0", "--variants", "softmax", "mhla",
-                   "--out", str(tmp_path)])
+    result = benchmark(["attention", *TINY, "tokens=[64,128,256]", "warmup=1", "budget_s=0",
+                        "variants=[softmax,mhla]", f"out={tmp_path}"])
     for label in ("softmax", "mhla"):
         rows = [p for p in result["points"] if p["label"] == label]
         assert [p["n"] for p in rows] == [64]
@@ -143,15 +142,17 @@ def test_mhla_inputs_use_auto_layout_and_positive_features():
 
 @pytest.mark.slow
 def test_subprocess_isolation_reports_peak_rss(tmp_path):
-    result = main(["attention", *[a if a != "inprocess" else "subprocess" for a in TINY], "--tokens", "64",
-                   "--variants", "linear", "--out", str(tmp_path)])
+    result = benchmark(["attention", *TINY, "isolation=subprocess", "tokens=[64]", "variants=[linear]",
+                        f"out={tmp_path}"])
     (point,) = result["points"]
     assert point["peak_memory_bytes"] is not None and point["peak_memory_bytes"] >= 0
     assert "VmHWM" in point["memory_method"]
     assert result["settings"]["isolation"] == "subprocess"
 
 
-def test_cli_help_lists_the_attention_subcommand(capsys):
-    with pytest.raises(SystemExit):
-        throughput.build_parser().parse_args(["--help"])
-    assert "attention" in capsys.readouterr().out
+def test_an_unknown_benchmark_is_refused_with_the_valid_ones():
+    with pytest.raises(MissingConfigException, match="Available options in 'benchmark'") as err:
+        compose_config("throughput", ["flash"], positional_key="benchmark")
+    assert all(name in str(err.value) for name in ("attention", "train", "sample"))
+    with pytest.raises(ValueError, match="not attention cores"):
+        benchmark(["attention", *TINY, "variants=[softmax,flash]"])

@@ -4,14 +4,20 @@ import json
 
 import pytest
 
-from eval.throughput import main
+from configs.entry import compose_config
+from eval import throughput
+
+
+def benchmark(args: list[str]) -> dict:
+    """``python -m eval.throughput <args>`` in-process: the checked config, then the benchmark."""
+    return throughput.run(compose_config("throughput", args, positional_key="benchmark"))
 
 
 @pytest.mark.slow
 def test_train_benchmark_writes_tables_for_every_variant(tmp_path):
     out = tmp_path / "train"
-    result = main(["train", "--model", "tiny", "--variants", "softmax", "mhla", "--frames", "2", "--sizes", "8", "16",
-                   "--channels", "3", "--steps", "1", "--warmup", "0", "--peak-tflops", "1", "--out", str(out)])
+    result = benchmark(["train", "model=tiny", "variants=[softmax,mhla]", "frames=2", "sizes=[8,16]", "channels=3",
+                        "steps=1", "warmup=0", "peak_tflops=1", f"out={out}"])
     assert [(p["variant"], p["tokens_per_sample"]) for p in result["points"]] == [
         ("softmax", 4), ("softmax", 16), ("mhla", 4), ("mhla", 16)]
     for p in result["points"]:
@@ -24,8 +30,8 @@ def test_train_benchmark_writes_tables_for_every_variant(tmp_path):
 
 @pytest.mark.slow
 def test_sample_benchmark_reports_dit_and_vae_time(tmp_path):
-    result = main(["sample", "--model", "tiny", "--variants", "linear", "--frames", "2", "--size", "8", "--steps", "2",
-                   "--repeats", "1", "--out", str(tmp_path)])
+    result = benchmark(["sample", "model=tiny", "variants=[linear]", "frames=2", "size=8", "steps=2", "repeats=1",
+                        f"out={tmp_path}"])
     (point,) = result["points"]
     assert point["total_s"] == pytest.approx(point["dit_s"] + point["vae_decode_s"])
     assert point["vae"] == "identity" and (tmp_path / "sample.md").is_file()

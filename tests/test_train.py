@@ -1,7 +1,6 @@
 """train.py and sample.py as a user runs them: real processes, real files, real configs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,36 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from configs.schema import ConfigError, validate_train_config
+from configs.entry import CONFIG_DIR, compose_config
+from configs.schema import ConfigError, validate_config
 from dit.checkpoint import CheckpointError, validate_checkpoint
-from tests.paths import CONFIG_DIR, REPO_ROOT
-
-# A tiny but complete run: 16 demo clips of 4 frames at 16², a 2-block DiT (64 tokens).
-TINY = [
-    "data.num_videos=16", "data.num_frames=4", "data.resolution=16",
-    "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
-    "train.batch_size=2", "train.log_every=1", "train.num_val_samples=2", "train.val_steps=2",
-    "train.warmup_steps=2",
-]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "LINVID_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run(script, *overrides, env, check=True, timeout=300):
-    result = subprocess.run([sys.executable, script, *overrides], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(overrides)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def train(run_dir, *overrides, env, check=True):
-    return run("train.py", *TINY, f"hydra.run.dir={run_dir}", *overrides, env=env, check=check)
+from tests.paths import REPO_ROOT
+from tests.runs import TIMEOUT_S, TINY, run, train
 
 
 def frame_count(path: Path) -> int:
@@ -98,7 +72,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, env):
     cmd = [sys.executable, "train.py", *TINY, f"hydra.run.dir={interrupted}", *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = interrupted / "checkpoints" / "latest"
-    deadline = time.time() + 240
+    deadline = time.time() + TIMEOUT_S
     while not pointer.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -167,7 +141,7 @@ def test_cfg_job_prints_the_resolved_config(env):
 def test_bad_config_values_fail_before_any_work(tmp_path, env, override, message):
     overrides = [override] + (["attention=hla"] if override.startswith("attention.order") else [])
     run_env = {**env, "LINVID_CACHE": str(tmp_path / "cache")}
-    result = run("train.py", f"hydra.run.dir={tmp_path / 'run'}", *overrides, env=run_env, check=False, timeout=120)
+    result = run("train.py", f"hydra.run.dir={tmp_path / 'run'}", *overrides, env=run_env, check=False)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "cache").exists(), "demo data was generated before the config was checked"
@@ -175,6 +149,7 @@ def test_bad_config_values_fail_before_any_work(tmp_path, env, override, message
 
 
 def compose_train(*overrides):
+    """The train config of ``overrides`` as Hydra composes it (unchecked: the tests check it)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
@@ -195,14 +170,14 @@ def compose_train(*overrides):
 )
 def test_schema_names_the_bad_value_and_the_valid_choices(override, message):
     with pytest.raises(ConfigError) as excinfo:
-        validate_train_config(compose_train(override))
+        validate_config(compose_train(override), "train")
     assert message in str(excinfo.value)
 
 
 def test_every_shipped_combination_validates():
     for model in ("tiny", "S", "B", "L", "XL"):
         for logger in ("none", "tensorboard", "wandb"):
-            validate_train_config(compose_train(f"model={model}", f"logger={logger}"))
+            compose_config("train", [f"model={model}", f"logger={logger}"])
 
 
 def test_sweep_over_attention_variants_runs_each_in_its_own_directory(tmp_path, env):
@@ -210,10 +185,15 @@ def test_sweep_over_attention_variants_runs_each_in_its_own_directory(tmp_path, 
     run("train.py", "-m", "attention=softmax,linear,hla,mhla", *TINY, "train.max_steps=1",
         "train.num_val_samples=0", f"hydra.sweep.dir={sweep_dir}", env=env)
     runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
-    variants = [run_dir.name.split(",")[0] for run_dir in runs]  # Hydra names a run by its overrides
-    assert variants == ["attention=hla", "attention=linear", "attention=mhla", "attention=softmax"]
+    variants = [run_dir.name.split("+")[0] for run_dir in runs]  # a run is named by its overrides
+    assert variants == ["attention-hla", "attention-linear", "attention-mhla", "attention-softmax"]
     for run_dir, variant in zip(runs, variants):
+        assert not set("=,[]'\" ") & set(run_dir.name), "a sweep run directory must be a plain Hydra value"
         checkpoint = run_dir / "checkpoints" / "step_00000001"
         validate_checkpoint(checkpoint)
-        assert f"name: {variant.split('=')[1]}" in (checkpoint / "config.yaml").read_text()
+        assert f"name: {variant.split('-')[1]}" in (checkpoint / "config.yaml").read_text()
         assert load_file(checkpoint / "ema.safetensors")
+    # Any directory a sweep writes is passed back to another command as it is.
+    sampled = run("sample.py", f"checkpoint={runs[0]}", "num_samples=1", "steps=1", f"out_dir={tmp_path / 'v'}",
+                  env=env)
+    assert "wrote 1 videos" in sampled.stdout

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from configs.files import atomic_output_path
 from data import video
 from data.video import (
     VideoReadError,
-    atomic_output_path,
     probe_video,
     read_frames,
     tile_videos,

