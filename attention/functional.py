@@ -43,24 +43,6 @@ HLA_TIED_FORMS = ("symmetric", "state", "value_modulation")
 # ----------------------------------------------------------------------------- helpers
 
 
-def static_cache(fn: Callable) -> Callable:
-    """``functools.lru_cache`` for functions of python values, transparent to ``torch.compile``.
-
-    Eager calls hit the cache; while Dynamo traces, the function body is traced directly
-    (its results are constants of the graph), so no cache wrapper is seen in compiled code.
-    """
-    cached = functools.lru_cache(maxsize=None)(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args):
-        if torch.compiler.is_compiling():
-            return fn(*args)
-        return cached(*args)
-
-    wrapper.cache_clear = cached.cache_clear
-    return wrapper
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -222,12 +204,12 @@ def _kronecker_features(factors: Sequence[Tensor]) -> Tensor:
     return out
 
 
-@static_cache
+@functools.lru_cache(maxsize=None)
 def symmetric_monomials(width: int, order: int) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
     """The monomials a₁ ≤ … ≤ a_p of ``order`` p over ``width`` w variables, and their multinomials.
 
-    Returns (index tuples, multinomial coefficients p! / ∏ c_i! with c_i the count of
-    variable i in the tuple); there are C(w + p − 1, p) of them.
+    Returns (index tuples in lexicographic order, multinomial coefficients p! / ∏ c_i! with
+    c_i the count of variable i); there are C(w + p − 1, p) of them.
     """
     index = tuple(itertools.combinations_with_replacement(range(width), order))
     multinomial = []
@@ -239,20 +221,35 @@ def symmetric_monomials(width: int, order: int) -> tuple[tuple[tuple[int, ...], 
     return index, tuple(multinomial)
 
 
-def symmetric_power_features(x: Tensor, order: int) -> Tensor:
-    """Symmetric tensor-power features: (..., n, w) -> (..., n, C(w + p − 1, p)).
+@torch.compiler.assume_constant_result
+def symmetric_monomial_tensors(width: int, order: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`symmetric_monomials` as tensors: index (p, F) long and multinomials (F,) long.
+
+    Cached per (width, order, device); under ``torch.compile`` it runs at trace time and its
+    result is a constant of the graph.
+    """
+    return _monomial_tensors(width, order, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _monomial_tensors(width: int, order: int, device: torch.device | None) -> tuple[Tensor, Tensor]:
+    index, multinomial = symmetric_monomials(width, order)
+    return torch.tensor(index, device=device).T.contiguous(), torch.tensor(multinomial, device=device)
+
+
+def symmetric_power_features(x: Tensor, order: int, monomials: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Symmetric tensor-power features: (..., n, w) -> (..., n, F), F = C(w + p − 1, p).
 
     f(x)_a = √(multinomial(a)) · x_{a₁}⋯x_{a_p} over the monomials a₁ ≤ … ≤ a_p, so that
     f(x)·f(y) = (x·y)^p exactly — the inner product of the p-fold Kronecker features
     (dimension w^p) with the repeated monomials merged: 153 instead of 289 features at
-    p = 2, w = 17; 969 instead of 4,913 at p = 3.
+    p = 2, w = 17; 969 instead of 4,913 at p = 3. ``monomials`` = (index (p, F), multinomials
+    (F,)) from :func:`symmetric_monomial_tensors` (looked up when not given).
     """
-    index, multinomial = symmetric_monomials(x.shape[-1], order)
-    columns = torch.tensor(index, device=x.device).T  # (p, F)
-    weight = torch.tensor(multinomial, dtype=x.dtype, device=x.device).sqrt()
-    out = x.index_select(-1, columns[0]) * weight
+    index, multinomial = monomials if monomials is not None else symmetric_monomial_tensors(x.shape[-1], order, x.device)
+    out = x.index_select(-1, index[0]) * multinomial.to(x.dtype).sqrt()
     for m in range(1, order):
-        out = out * x.index_select(-1, columns[m])
+        out = out * x.index_select(-1, index[m])
     return out
 
 
@@ -382,8 +379,10 @@ def hla_tied_attention(
     num_features = math.comb(q_factor.shape[-1] + order - 1, order)
     chunk = _chunk_length(num_tokens, batch * heads * num_features, chunk_size, v.device)
 
+    monomials = symmetric_monomial_tensors(q_factor.shape[-1], order, q_factor.device)
+
     def features(chunk_factors: Sequence[Tensor]) -> Tensor:
-        return symmetric_power_features(chunk_factors[0], order)
+        return symmetric_power_features(chunk_factors[0], order, monomials)
 
     acc = accumulation_dtype(v.dtype)
     with no_autocast(v.device):

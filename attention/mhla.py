@@ -19,6 +19,7 @@ S̃_i = Σ_j m_ij S_j, read-out Q_b S̃_b. No tensor value is read on the host i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -26,14 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import (
-    accumulation_dtype,
-    check_same_tokens,
-    guard_denominator,
-    no_autocast,
-    normalizer_features,
-    static_cache,
-)
+from .functional import accumulation_dtype, check_same_tokens, guard_denominator, no_autocast, normalizer_features
 
 Grid = tuple[int, int, int]
 
@@ -74,7 +68,7 @@ def mhla_auto_layout(grid: Grid) -> Grid:
     return max(candidates, key=preference)
 
 
-@static_cache
+@functools.lru_cache(maxsize=None)
 def _axis_segments(size: int, blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Along one axis of ``size`` tokens cut into ``blocks``: (start, length) of every block.
 
@@ -126,9 +120,18 @@ class BlockPlan(NamedTuple):
     filled: Tensor | None = None
 
 
-@static_cache
+@torch.compiler.assume_constant_result
 def mhla_grid_plan(grid: Grid, layout: Grid, device: torch.device | None = None) -> BlockPlan:
-    """The :class:`BlockPlan` of a grid and layout, built from python ints only (cached)."""
+    """The :class:`BlockPlan` of a grid and layout, built from python ints only.
+
+    Cached per (grid, layout, device); under ``torch.compile`` it runs at trace time and its
+    tensors are constants of the graph (Dynamo guards on the python ints).
+    """
+    return _grid_plan(tuple(grid), tuple(layout), device)
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_plan(grid: Grid, layout: Grid, device: torch.device | None) -> BlockPlan:
     grid, layout = check_grid(grid), check_grid(layout, "MHLA layout")
     num_blocks = math.prod(layout)
     if all(g % m == 0 for g, m in zip(grid, layout)):
