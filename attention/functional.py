@@ -1,22 +1,27 @@
-"""Efficient attention cores: softmax (SDPA), linear, HLA and MHLA.
+"""Efficient attention cores: softmax (SDPA), linear and HLA (MHLA lives in :mod:`attention.mhla`).
 
 Every function takes per-head tensors laid out (B, H, N, ·) and returns
 (B, H, N, d_v) in the dtype of ``v``. The linear-time cores never build an N x N
 tensor; their states and normalisers are accumulated in float32 when the inputs
 are bf16/fp16 (float64 inputs stay float64), with autocast disabled inside.
-Where an intermediate would grow like N·R (HLA's Kronecker features, MHLA's
-per-token outer products in the ragged case) the token axis is processed in
-chunks, and under autograd each chunk is recomputed in backward instead of
-being stored.
+Where an intermediate would grow like N·R (HLA's Kronecker or symmetric features)
+the token axis is processed in chunks, and under autograd each chunk is recomputed
+in backward instead of being stored.
 
 The quadratic oracles with identical arguments live in :mod:`attention.reference`.
 
-"Normalised" output is o_i = Σ_j A_ij v_j / (Σ_j A_ij + eps), computed in one
-pass by appending a column of ones to v; un-normalised output is Σ_j A_ij v_j.
+"Normalised" output is o_i = Σ_j A_ij v_j / guard(Σ_j A_ij), see :func:`guard_denominator`:
+for non-negative row sums this is exactly Σ_j A_ij v_j / (Σ_j A_ij + eps).
+Un-normalised output is Σ_j A_ij v_j.
+
+Nothing here reads tensor values on the host or branches on them, so every core
+traces into one graph under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -25,23 +30,38 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# Largest number of elements an N·R-sized intermediate may hold per chunk
-# (2**22 float32 = 16 MiB), across batch and heads.
-CHUNK_ELEMENTS = 2**22
+# Largest number of elements an N·R-sized intermediate may hold per chunk, across batch
+# and heads: 2**22 float32 = 16 MiB on CPU (cache-friendly); on accelerators a larger
+# budget (256 MiB) gives few, large GEMMs.
+CHUNK_ELEMENTS_CPU = 2**22
+CHUNK_ELEMENTS_ACCELERATOR = 2**26
 
 HLA_FORMS = ("state", "value_modulation")
+HLA_TIED_FORMS = ("symmetric", "state", "value_modulation")
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def guard_denominator(denominator: Tensor, eps: float) -> Tensor:
+    """Row sums made safe to divide by: keep the sign, push the magnitude out by eps.
+
+    den ≥ 0 → den + eps (the spec's Σ A + eps); den < 0 → den − eps. The magnitude is
+    always ≥ eps, so no row sum (zero, tiny, or negative from signed weights or
+    rounding) can give Inf or NaN. Callers pass float32/float64 row sums (never bf16),
+    and for non-negative weights |o| ≤ max |v| still holds, so the cast back to a low
+    precision cannot overflow.
+    """
+    return torch.where(denominator >= 0, denominator + eps, denominator - eps)
 
 
 def _values_with_ones(v: Tensor, normalize: bool) -> Tensor:
@@ -52,18 +72,23 @@ def _values_with_ones(v: Tensor, normalize: bool) -> Tensor:
 
 
 def _finish(out: Tensor, normalize: bool, eps: float, dtype: torch.dtype) -> Tensor:
-    """Split off the normaliser column (if any), divide, cast back to the input dtype."""
+    """Split off the normaliser column (if any), divide by the guarded row sums, cast back."""
     if normalize:
-        out = out[..., :-1] / (out[..., -1:] + eps)
+        out = out[..., :-1] / guard_denominator(out[..., -1:], eps)
     return out.to(dtype)
 
 
-def _chunk_length(num_tokens: int, elements_per_token: int, chunk_size: int | None) -> int:
+def chunk_elements(device: torch.device) -> int:
+    """Element budget of one N·R chunk on this device."""
+    return CHUNK_ELEMENTS_CPU if device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+
+
+def _chunk_length(num_tokens: int, elements_per_token: int, chunk_size: int | None, device: torch.device) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
         return chunk_size
-    return max(1, min(num_tokens, CHUNK_ELEMENTS // max(1, elements_per_token)))
+    return max(1, min(num_tokens, chunk_elements(device) // max(1, elements_per_token)))
 
 
 def _run_chunk(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
@@ -74,18 +99,18 @@ def _run_chunk(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
 
 
 def _token_chunks(x: Tensor, chunk: int) -> tuple[Tensor, ...]:
-    """Split the token axis once: dim -2 of (…, N, c) tensors, dim 0 of (N,) indices.
+    """Split the token axis (dim -2) once.
 
     One split (instead of slicing per chunk) gives a single gradient concatenation in
     backward rather than one zero-filled full-size gradient per chunk.
     """
-    return x.split(chunk, dim=0 if x.dim() == 1 else -2)
+    return x.split(chunk, dim=-2)
 
 
 def _sum_over_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], chunk: int) -> Tensor:
     """Σ over token chunks of fn(*chunk of each tensor): pass 1 of every chunked core."""
     total = None
-    for pieces in zip(*(_token_chunks(t, chunk) for t in tensors)):
+    for pieces in zip(*[_token_chunks(t, chunk) for t in tensors]):
         part = _run_chunk(fn, *pieces)
         total = part if total is None else total + part
     return total
@@ -93,17 +118,33 @@ def _sum_over_chunks(fn: Callable[..., Tensor], tensors: Sequence[Tensor], chunk
 
 def _readout_over_chunks(fn: Callable[..., Tensor], state: Tensor, tensors: Sequence[Tensor], chunk: int) -> Tensor:
     """fn(state, *chunk of each tensor) for every token chunk, concatenated along tokens: pass 2."""
-    pieces = zip(*(_token_chunks(t, chunk) for t in tensors))
+    pieces = zip(*[_token_chunks(t, chunk) for t in tensors])
     return torch.cat([_run_chunk(fn, state, *chunk_pieces) for chunk_pieces in pieces], dim=-2)
 
 
-def _check_same_tokens(name: str, *tensors: Tensor) -> None:
+def check_same_tokens(name: str, *tensors: Tensor) -> None:
     shapes = [tuple(t.shape[:3]) for t in tensors]
     if any(t.dim() != 4 for t in tensors) or len(set(shapes)) != 1:
         raise ValueError(
             f"{name}: all inputs must be (B, H, N, ·) with the same B, H, N; got shapes "
             f"{[tuple(t.shape) for t in tensors]}"
         )
+
+
+def normalizer_features(
+    q: Tensor, k: Tensor, normalizer_q: Tensor | None, normalizer_k: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The features of the row sums: ``normalizer_q/k`` where given (un-rotated features), else q, k."""
+    if (normalizer_q is None) != (normalizer_k is None):
+        raise ValueError("normalizer_q and normalizer_k must be given together")
+    if normalizer_q is None:
+        return q, k
+    if normalizer_q.shape != q.shape or normalizer_k.shape != k.shape:
+        raise ValueError(
+            f"normalizer features must have the shapes of q and k, got {tuple(normalizer_q.shape)} and "
+            f"{tuple(normalizer_k.shape)} for {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    return normalizer_q, normalizer_k
 
 
 # ----------------------------------------------------------------------------- softmax
@@ -115,7 +156,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q, k: (B, H, N, d); v: (B, H, N, d_v) -> (B, H, N, d_v). Uses FlashAttention /
     memory-efficient kernels on GPU and the fused kernel on CPU.
     """
-    _check_same_tokens("softmax_attention", q, k, v)
+    check_same_tokens("softmax_attention", q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -123,21 +164,33 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, normalize: bool = True, eps: float = 1e-6
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    normalizer_q: Tensor | None = None,
+    normalizer_k: Tensor | None = None,
 ) -> Tensor:
     """Kernelised linear attention with A = q kᵀ (q, k already feature-mapped).
 
-    q, k: (B, H, N, d) non-negative features; v: (B, H, N, d_v) -> (B, H, N, d_v).
-    State G = kᵀ [v, 1] of shape (B, H, d, d_v + 1), then q G. Cost ≈ 4·N·d·(d_v+1)
-    FLOPs per head; memory O(N·(d + d_v)).
+    q, k: (B, H, N, d) features; v: (B, H, N, d_v) -> (B, H, N, d_v). State G = kᵀ v of
+    shape (B, H, d, d_v), then q G; the row sums are n_q · Σ_s n_k[s] with the normaliser
+    features n_q, n_k = ``normalizer_q``, ``normalizer_k`` (B, H, N, d) when given (RoPE:
+    rotated features in the numerator, un-rotated ones here), else q, k. Cost ≈
+    4·N·d·(d_v+1) FLOPs per head; memory O(N·(d + d_v)).
     """
-    _check_same_tokens("linear_attention", q, k, v)
-    acc = _accumulation_dtype(v.dtype)
-    with _no_autocast(q.device):
-        values = _values_with_ones(v.to(acc), normalize)
-        state = k.to(acc).transpose(-1, -2) @ values  # (B, H, d, C)
-        out = q.to(acc) @ state  # (B, H, N, C)
-    return _finish(out, normalize, eps, v.dtype)
+    check_same_tokens("linear_attention", q, k, v)
+    nq, nk = normalizer_features(q, k, normalizer_q, normalizer_k)
+    acc = accumulation_dtype(v.dtype)
+    with no_autocast(q.device):
+        state = k.to(acc).transpose(-1, -2) @ v.to(acc)  # (B, H, d, d_v)
+        out = q.to(acc) @ state  # (B, H, N, d_v)
+        if normalize:
+            key_sum = nk.to(acc).sum(dim=-2).unsqueeze(-1)  # (B, H, d, 1)
+            out = out / guard_denominator(nq.to(acc) @ key_sum, eps)
+    return out.to(v.dtype)
 
 
 # ----------------------------------------------------------------------------- HLA
@@ -151,23 +204,72 @@ def _kronecker_features(factors: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _hla_state_form(qf: list[Tensor], kf: list[Tensor], values: Tensor, chunk: int) -> Tensor:
-    """Kronecker (state) form: T = (⊗K)ᵀ[v,1] of shape (B, H, R, C), then (⊗Q) T."""
+@functools.lru_cache(maxsize=None)
+def symmetric_monomials(width: int, order: int) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """The monomials a₁ ≤ … ≤ a_p of ``order`` p over ``width`` w variables, and their multinomials.
+
+    Returns (index tuples in lexicographic order, multinomial coefficients p! / ∏ c_i! with
+    c_i the count of variable i); there are C(w + p − 1, p) of them.
+    """
+    index = tuple(itertools.combinations_with_replacement(range(width), order))
+    multinomial = []
+    for monomial in index:
+        coefficient = math.factorial(order)
+        for variable in set(monomial):
+            coefficient //= math.factorial(monomial.count(variable))
+        multinomial.append(coefficient)
+    return index, tuple(multinomial)
+
+
+@torch.compiler.assume_constant_result
+def symmetric_monomial_tensors(width: int, order: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`symmetric_monomials` as tensors: index (p, F) long and multinomials (F,) long.
+
+    Cached per (width, order, device); under ``torch.compile`` it runs at trace time and its
+    result is a constant of the graph.
+    """
+    return _monomial_tensors(width, order, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _monomial_tensors(width: int, order: int, device: torch.device | None) -> tuple[Tensor, Tensor]:
+    index, multinomial = symmetric_monomials(width, order)
+    return torch.tensor(index, device=device).T.contiguous(), torch.tensor(multinomial, device=device)
+
+
+def symmetric_power_features(x: Tensor, order: int, monomials: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Symmetric tensor-power features: (..., n, w) -> (..., n, F), F = C(w + p − 1, p).
+
+    f(x)_a = √(multinomial(a)) · x_{a₁}⋯x_{a_p} over the monomials a₁ ≤ … ≤ a_p, so that
+    f(x)·f(y) = (x·y)^p exactly — the inner product of the p-fold Kronecker features
+    (dimension w^p) with the repeated monomials merged: 153 instead of 289 features at
+    p = 2, w = 17; 969 instead of 4,913 at p = 3. ``monomials`` = (index (p, F), multinomials
+    (F,)) from :func:`symmetric_monomial_tensors` (looked up when not given).
+    """
+    index, multinomial = monomials if monomials is not None else symmetric_monomial_tensors(x.shape[-1], order, x.device)
+    out = x.index_select(-1, index[0]) * multinomial.to(x.dtype).sqrt()
+    for m in range(1, order):
+        out = out * x.index_select(-1, index[m])
+    return out
+
+
+def _hla_state_form(
+    features: Callable[[Sequence[Tensor]], Tensor], qf: Sequence[Tensor], kf: Sequence[Tensor], values: Tensor, chunk: int
+) -> Tensor:
+    """State form: T = features(K)ᵀ [v, 1] of shape (B, H, R, C), then features(Q) T."""
     p = len(kf)
 
     def state_of_chunk(*chunk_tensors: Tensor) -> Tensor:
-        return _kronecker_features(chunk_tensors[:p]).transpose(-1, -2) @ chunk_tensors[p]
+        return features(chunk_tensors[:p]).transpose(-1, -2) @ chunk_tensors[p]
 
     def readout_of_chunk(state: Tensor, *q_chunk: Tensor) -> Tensor:
-        return _kronecker_features(q_chunk) @ state
+        return features(q_chunk) @ state
 
     state = _sum_over_chunks(state_of_chunk, [*kf, values], chunk)
     return _readout_over_chunks(readout_of_chunk, state, qf, chunk)
 
 
-def _hla_value_modulation_form(
-    qf: list[Tensor], kf: list[Tensor], values: Tensor, chunk: int
-) -> Tensor:
+def _hla_value_modulation_form(qf: Sequence[Tensor], kf: Sequence[Tensor], values: Tensor, chunk: int) -> Tensor:
     """No-reshape form: peel factors 2..p into the values, run linear attention on factor 1.
 
     Factor m > 1 turns the product into a sum over b of linear attentions whose values
@@ -202,15 +304,16 @@ def hla_attention(
     form: str = "state",
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Hadamard linear attention: S = (Q₁K₁ᵀ) ⊙ … ⊙ (Q_pK_pᵀ), o = S v / (S 1 + eps).
+    """Hadamard linear attention: S = (Q₁K₁ᵀ) ⊙ … ⊙ (Q_pK_pᵀ), o = S v / guard(S 1).
 
     q_factors, k_factors: p tensors each (B, H, N, r_m), already feature-mapped;
     v: (B, H, N, d_v) -> (B, H, N, d_v). Equal to linear attention on row-wise
     Kronecker features of dimension R = ∏ r_m, computed in O(N·R·(d_v+1)) time with a
     state of size R·(d_v+1). ``form`` picks the "state" (Kronecker) form — the faster
     one in our benchmarks (docs/benchmarks.md) — or the "value_modulation" form.
-    ``chunk_size`` (tokens per chunk) defaults to what keeps an N·R intermediate
-    under ``CHUNK_ELEMENTS``.
+    ``chunk_size`` (tokens per chunk) defaults to what keeps an N·R intermediate under
+    the device's element budget (:func:`chunk_elements`). For p equal factors see
+    :func:`hla_tied_attention`, which needs fewer features.
     """
     if len(q_factors) != len(k_factors) or not q_factors:
         raise ValueError(
@@ -218,118 +321,71 @@ def hla_attention(
             f"{len(q_factors)} and {len(k_factors)}"
         )
     for q_m, k_m in zip(q_factors, k_factors):
-        _check_same_tokens("hla_attention", q_m, k_m, v)
+        check_same_tokens("hla_attention", q_m, k_m, v)
         if q_m.shape[-1] != k_m.shape[-1]:
             raise ValueError(f"hla_attention: factor ranks differ: {q_m.shape} vs {k_m.shape}")
     if form not in HLA_FORMS:
         raise ValueError(f"hla_attention: unknown form {form!r}; valid forms: {HLA_FORMS}")
 
     batch, heads, num_tokens, d_v = v.shape
-    rank = math.prod(q.shape[-1] for q in q_factors)
+    rank = math.prod([q.shape[-1] for q in q_factors])
     width = d_v + 1 if normalize else d_v
     per_token = rank if form == "state" else max(rank, rank // q_factors[0].shape[-1] * width)
-    chunk = _chunk_length(num_tokens, batch * heads * per_token, chunk_size)
+    chunk = _chunk_length(num_tokens, batch * heads * per_token, chunk_size, v.device)
 
-    acc = _accumulation_dtype(v.dtype)
-    with _no_autocast(v.device):
+    acc = accumulation_dtype(v.dtype)
+    with no_autocast(v.device):
         qf = [q.to(acc) for q in q_factors]
         kf = [k.to(acc) for k in k_factors]
         values = _values_with_ones(v.to(acc), normalize)
-        impl = _hla_state_form if form == "state" else _hla_value_modulation_form
-        out = impl(qf, kf, values, chunk)
+        if form == "state":
+            out = _hla_state_form(_kronecker_features, qf, kf, values, chunk)
+        else:
+            out = _hla_value_modulation_form(qf, kf, values, chunk)
     return _finish(out, normalize, eps, v.dtype)
 
 
-# ----------------------------------------------------------------------------- MHLA
-
-
-def _check_blocks(block_index: Tensor, mixing: Tensor, num_tokens: int) -> int:
-    if mixing.dim() != 2 or mixing.shape[0] != mixing.shape[1]:
-        raise ValueError(f"mhla_attention: mixing must be (M, M), got {tuple(mixing.shape)}")
-    num_blocks = mixing.shape[0]
-    if block_index.shape != (num_tokens,) or block_index.dtype != torch.long:
-        raise ValueError(
-            f"mhla_attention: block_index must be a LongTensor of shape ({num_tokens},), got "
-            f"{block_index.dtype} {tuple(block_index.shape)}"
-        )
-    if num_tokens and (int(block_index.min()) < 0 or int(block_index.max()) >= num_blocks):
-        raise ValueError(f"mhla_attention: block_index values must lie in [0, {num_blocks})")
-    return num_blocks
-
-
-def _mhla_equal_blocks(q: Tensor, k: Tensor, values: Tensor, block_index: Tensor, mixing: Tensor) -> Tensor:
-    """All blocks hold the same number of tokens: gather each block contiguously, batched GEMMs."""
-    batch, heads, num_tokens, _ = q.shape
-    num_blocks = mixing.shape[0]
-    contiguous = bool((block_index[1:] >= block_index[:-1]).all())  # blocks already in order: no gather
-    order = None if contiguous else torch.argsort(block_index, stable=True)
-
-    def blocked(x: Tensor) -> Tensor:  # (B, H, N, c) -> (B, H, M, N/M, c)
-        return (x if contiguous else x[:, :, order]).unflatten(2, (num_blocks, -1))
-
-    summaries = blocked(k).transpose(-1, -2) @ blocked(values)  # (B, H, M, d, C)
-    mixed = (mixing @ summaries.flatten(-2)).view_as(summaries)  # S̃_i = Σ_j m_ij S_j
-    out = (blocked(q) @ mixed).flatten(2, 3)  # (B, H, N, C) in block order
-    return out if contiguous else out[:, :, torch.argsort(order)]
-
-
-def _mhla_ragged_blocks(
-    q: Tensor, k: Tensor, values: Tensor, block_index: Tensor, mixing: Tensor, chunk: int
-) -> Tensor:
-    """Blocks of any sizes: scatter-add per-token outer products chunk by chunk."""
-    batch, heads, num_tokens, d = q.shape
-    width = values.shape[-1]
-    num_blocks = mixing.shape[0]
-
-    def summaries_of_chunk(index: Tensor, k_chunk: Tensor, v_chunk: Tensor) -> Tensor:
-        outer = (k_chunk.unsqueeze(-1) * v_chunk.unsqueeze(-2)).flatten(-2)  # (B, H, n, d·C)
-        zeros = outer.new_zeros(batch, heads, num_blocks, d * width)
-        return zeros.index_add(2, index, outer)
-
-    def readout_of_chunk(mixed: Tensor, index: Tensor, q_chunk: Tensor) -> Tensor:
-        per_token = mixed[:, :, index]  # (B, H, n, d, C)
-        return (q_chunk.unsqueeze(-2) @ per_token).squeeze(-2)
-
-    summaries = _sum_over_chunks(summaries_of_chunk, [block_index, k, values], chunk)
-    mixed = (mixing @ summaries).unflatten(-1, (d, width))  # (B, H, M, d, C)
-    return _readout_over_chunks(readout_of_chunk, mixed, [block_index, q], chunk)
-
-
-def mhla_attention(
-    q: Tensor,
-    k: Tensor,
+def hla_tied_attention(
+    q_factor: Tensor,
+    k_factor: Tensor,
     v: Tensor,
-    block_index: Tensor,
-    mixing: Tensor,
+    order: int,
     *,
     normalize: bool = True,
     eps: float = 1e-6,
+    form: str = "symmetric",
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Multi-head linear attention with token-level heads (blocks) and learned mixing.
+    """HLA with p = ``order`` equal factors: S = (Q Kᵀ)^⊙p, o = S v / guard(S 1).
 
-    q, k: (B, H, N, d) non-negative features; v: (B, H, N, d_v); block_index: (N,) long
-    in [0, M); mixing: (M, M), row i = weights of query block i over key blocks.
-    Block summaries S_b = Σ_{s∈b} k_s [v_s, 1]ᵀ, mixed S̃_i = Σ_j m_ij S_j, and query t in
-    block i reads o_t = q_tᵀ S̃_i (normalised with the ones column, paper Eq. 4).
-    Equivalent to A[t, s] = m_{b(t), b(s)} q_t·k_s. Cost O(N·d·(d_v+1) + M²·d·(d_v+1)).
-    Equal-sized blocks run as batched GEMMs; ragged blocks scatter-add in chunks of
-    ``chunk_size`` tokens.
+    q_factor, k_factor: (B, H, N, w); v: (B, H, N, d_v) -> (B, H, N, d_v). Equal to
+    ``hla_attention([q_factor] * p, [k_factor] * p, v)``. The "symmetric" form runs the
+    state form on :func:`symmetric_power_features` (C(w + p − 1, p) features instead of
+    w^p); "state" and "value_modulation" are :func:`hla_attention`'s Kronecker forms.
     """
-    _check_same_tokens("mhla_attention", q, k, v)
-    batch, heads, num_tokens, d = q.shape
-    num_blocks = _check_blocks(block_index, mixing, num_tokens)
-    block_index = block_index.to(q.device)
+    if form not in HLA_TIED_FORMS:
+        raise ValueError(f"hla_tied_attention: unknown form {form!r}; valid forms: {HLA_TIED_FORMS}")
+    if not isinstance(order, int) or order < 1:
+        raise ValueError(f"hla_tied_attention: order must be a positive integer, got {order!r}")
+    if form != "symmetric":
+        return hla_attention(
+            [q_factor] * order, [k_factor] * order, v, normalize=normalize, eps=eps, form=form, chunk_size=chunk_size
+        )
+    check_same_tokens("hla_tied_attention", q_factor, k_factor, v)
+    if q_factor.shape[-1] != k_factor.shape[-1]:
+        raise ValueError(f"hla_tied_attention: factor ranks differ: {q_factor.shape} vs {k_factor.shape}")
 
-    acc = _accumulation_dtype(v.dtype)
-    with _no_autocast(q.device):
-        qa, ka, mix = q.to(acc), k.to(acc), mixing.to(acc)
+    batch, heads, num_tokens, _ = v.shape
+    num_features = math.comb(q_factor.shape[-1] + order - 1, order)
+    chunk = _chunk_length(num_tokens, batch * heads * num_features, chunk_size, v.device)
+
+    monomials = symmetric_monomial_tensors(q_factor.shape[-1], order, q_factor.device)
+
+    def features(chunk_factors: Sequence[Tensor]) -> Tensor:
+        return symmetric_power_features(chunk_factors[0], order, monomials)
+
+    acc = accumulation_dtype(v.dtype)
+    with no_autocast(v.device):
         values = _values_with_ones(v.to(acc), normalize)
-        counts = torch.bincount(block_index, minlength=num_blocks)
-        if chunk_size is None and bool((counts == counts[0]).all()):
-            out = _mhla_equal_blocks(qa, ka, values, block_index, mix)
-        else:
-            per_token = batch * heads * d * values.shape[-1]
-            chunk = _chunk_length(num_tokens, per_token, chunk_size)
-            out = _mhla_ragged_blocks(qa, ka, values, block_index, mix, chunk)
+        out = _hla_state_form(features, [q_factor.to(acc)], [k_factor.to(acc)], values, chunk)
     return _finish(out, normalize, eps, v.dtype)

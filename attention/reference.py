@@ -1,10 +1,11 @@
 """Quadratic reference oracles for every attention core.
 
 Each function builds the explicit N x N attention weight matrix ``A`` and returns
-``A @ v`` (optionally normalised by the row sums of ``A``). They are slow and
-obviously correct; tests compare the efficient forms in
-:mod:`attention.functional` against them. Arguments and shapes are exactly those
-of the efficient functions:
+``A @ v`` (optionally normalised by the guarded row sums of ``A``, the same guard as
+the efficient cores: :func:`attention.functional.guard_denominator`). They are slow and
+obviously correct; tests compare the efficient forms in :mod:`attention.functional`
+and :mod:`attention.mhla` against them. Arguments and shapes are exactly those of
+the efficient functions:
 
     q, k: (B, H, N, d)    v: (B, H, N, d_v)    output: (B, H, N, d_v), input dtype
 
@@ -19,12 +20,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .functional import guard_denominator
 
-def _apply_weights(weights: Tensor, v: Tensor, normalize: bool, eps: float) -> Tensor:
-    """weights (B, H, N, N) float64, v (B, H, N, d_v) -> (B, H, N, d_v) in v's dtype."""
+
+def _apply_weights(weights: Tensor, v: Tensor, normalize: bool, eps: float, row_sums: Tensor | None = None) -> Tensor:
+    """weights (B, H, N, N) float64, v (B, H, N, d_v) -> (B, H, N, d_v) in v's dtype.
+
+    ``row_sums`` (B, H, N, 1) replaces the row sums of ``weights`` in the normaliser.
+    """
     out = weights @ v.double()
     if normalize:
-        out = out / (weights.sum(dim=-1, keepdim=True) + eps)
+        sums = weights.sum(dim=-1, keepdim=True) if row_sums is None else row_sums
+        out = out / guard_denominator(sums, eps)
     return out.to(v.dtype)
 
 
@@ -35,11 +42,21 @@ def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def linear_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, *, normalize: bool = True, eps: float = 1e-6
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    normalizer_q: Tensor | None = None,
+    normalizer_k: Tensor | None = None,
 ) -> Tensor:
-    """A = q kᵀ (q, k already feature-mapped); o = A v / (A 1 + eps)."""
+    """A = q kᵀ (q, k already feature-mapped); o = A v / guard(Â 1), Â from the normaliser features."""
     weights = q.double() @ k.double().transpose(-1, -2)
-    return _apply_weights(weights, v, normalize, eps)
+    row_sums = None
+    if normalizer_q is not None:
+        row_sums = (normalizer_q.double() @ normalizer_k.double().transpose(-1, -2)).sum(dim=-1, keepdim=True)
+    return _apply_weights(weights, v, normalize, eps, row_sums)
 
 
 def hla_attention_reference(
@@ -50,7 +67,7 @@ def hla_attention_reference(
     normalize: bool = True,
     eps: float = 1e-6,
 ) -> Tensor:
-    """S = (Q₁K₁ᵀ) ⊙ … ⊙ (Q_pK_pᵀ); o = S v / (S 1 + eps).
+    """S = (Q₁K₁ᵀ) ⊙ … ⊙ (Q_pK_pᵀ); o = S v / guard(S 1).
 
     q_factors, k_factors: p tensors each (B, H, N, r_m).
     """
@@ -72,11 +89,17 @@ def mhla_attention_reference(
     *,
     normalize: bool = True,
     eps: float = 1e-6,
+    normalizer_q: Tensor | None = None,
+    normalizer_k: Tensor | None = None,
 ) -> Tensor:
-    """A[t, s] = mixing[b(t), b(s)] · q_t·k_s; o = A v / (A 1 + eps).
+    """A[t, s] = mixing[b(t), b(s)] · q_t·k_s; o = A v / guard(Â 1), Â from the normaliser features.
 
     block_index: (N,) long in [0, M); mixing: (M, M), row i = query block i.
     """
     block_mixing = mixing.double()[block_index][:, block_index]  # (N, N)
     weights = (q.double() @ k.double().transpose(-1, -2)) * block_mixing
-    return _apply_weights(weights, v, normalize, eps)
+    row_sums = None
+    if normalizer_q is not None:
+        normaliser = (normalizer_q.double() @ normalizer_k.double().transpose(-1, -2)) * block_mixing
+        row_sums = normaliser.sum(dim=-1, keepdim=True)
+    return _apply_weights(weights, v, normalize, eps, row_sums)

@@ -1,9 +1,10 @@
-"""Build attention layers from config nodes.
+"""Build attention cores and layers from config nodes.
 
 A config node is a mapping ``{name: softmax|linear|hla|mhla, <variant settings>}``
 (see ``configs/attention/*.yaml``). A hybrid node ``{name: hybrid, pattern: [...],
 variants: {key: node, ...}}`` assigns ``variants[pattern[i % len(pattern)]]`` to
 block i, e.g. pattern [mhla, mhla, softmax] keeps softmax in every third block.
+:data:`VARIANTS` is the one list of variant names.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
-from .layers import AttentionLayer, Grid, HLAAttention, LinearAttention, MHLAAttention, SoftmaxAttention
+from .cores import AttentionCore, HLACore, LinearCore, MHLACore, SoftmaxCore
+from .layers import AttentionLayer
+from .mhla import Grid
 
-ATTENTION_LAYERS: dict[str, type[AttentionLayer]] = {
-    "softmax": SoftmaxAttention,
-    "linear": LinearAttention,
-    "hla": HLAAttention,
-    "mhla": MHLAAttention,
+ATTENTION_CORES: dict[str, type[AttentionCore]] = {
+    "softmax": SoftmaxCore,
+    "linear": LinearCore,
+    "hla": HLACore,
+    "mhla": MHLACore,
 }
+VARIANTS: tuple[str, ...] = tuple(ATTENTION_CORES)
 
 
 def _plain(node) -> dict:
-    """An OmegaConf node or mapping -> a plain dict (lists become tuples' lists)."""
+    """An OmegaConf node or mapping -> a plain dict."""
     try:
         from omegaconf import OmegaConf
 
@@ -35,24 +39,36 @@ def _plain(node) -> dict:
 
 def variant_settings(name: str) -> list[str]:
     """Names of the settings a variant accepts besides ``name``."""
-    params = inspect.signature(ATTENTION_LAYERS[name].__init__).parameters.values()
+    params = inspect.signature(ATTENTION_CORES[name].__init__).parameters.values()
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
-def build_attention(config: Mapping, *, dim: int, num_heads: int, grid: Grid) -> AttentionLayer:
-    """One attention layer from a single-variant config node. Raises ValueError naming bad settings."""
+def build_attention_core(config: Mapping, *, dim: int, num_heads: int, grid: Grid | None = None) -> AttentionCore:
+    """The core of one single-variant config node (no projections).
+
+    ``grid`` is a reference token grid for settings that need one (MHLA ``layout: auto``).
+    Raises ValueError naming bad settings.
+    """
     settings = _plain(config)
     name = settings.pop("name", None)
-    if name not in ATTENTION_LAYERS:
+    if name not in ATTENTION_CORES:
         raise ValueError(
-            f"attention.name={name!r} is not valid; choose one of {sorted(ATTENTION_LAYERS)} "
+            f"attention.name={name!r} is not valid; choose one of {sorted(ATTENTION_CORES)} "
             f"(or 'hybrid' with a pattern, for per-layer choices)"
         )
     valid = variant_settings(name)
     unknown = sorted(set(settings) - set(valid))
     if unknown:
         raise ValueError(f"attention.{name}: unknown setting(s) {unknown}; valid settings: {valid}")
-    return ATTENTION_LAYERS[name](dim, num_heads, grid, **settings)
+    return ATTENTION_CORES[name](dim, num_heads, grid, **settings)
+
+
+def build_attention(
+    config: Mapping, *, dim: int, num_heads: int, grid: Grid | None = None, qk_norm: str = "per_head"
+) -> AttentionLayer:
+    """One attention layer (projections + core) from a single-variant config node."""
+    core = build_attention_core(config, dim=dim, num_heads=num_heads, grid=grid)
+    return AttentionLayer(dim, num_heads, core, qk_norm=qk_norm)
 
 
 def layer_configs(config: Mapping, depth: int) -> list[dict]:
@@ -76,9 +92,16 @@ def layer_configs(config: Mapping, depth: int) -> list[dict]:
 
 
 def build_attention_layers(
-    config: Mapping, *, depth: int, dim: int, num_heads: int, grid: Grid
+    config: Mapping,
+    *,
+    depth: int,
+    dim: int,
+    num_heads: int,
+    grid: Grid | None = None,
+    qk_norm: str = "per_head",
 ) -> list[AttentionLayer]:
     """``depth`` layers for the DiT's blocks, following a single or hybrid config node."""
     return [
-        build_attention(node, dim=dim, num_heads=num_heads, grid=grid) for node in layer_configs(config, depth)
+        build_attention(node, dim=dim, num_heads=num_heads, grid=grid, qk_norm=qk_norm)
+        for node in layer_configs(config, depth)
     ]

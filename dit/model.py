@@ -7,8 +7,10 @@
     FinalLayer(tokens, c) ──unpatchify──> prediction (B, C, T, H, W)
 
 The model predicts the rectified-flow velocity ε − x₀ (see :mod:`dit.flow`).
-Tokens are ordered t-major, n = (t·H' + h)·W' + w, the order :class:`attention.Rope3D`
-and MHLA's block layout assume.
+Tokens are ordered t-major, n = (t·H' + h)·W' + w, the order :func:`attention.rope_tables`
+and MHLA's blocks assume. The token grid is computed from each input, so one model
+runs on any clip size its patch size divides; RoPE tables are float32 plain tensors
+(cached per grid and device, never buffers), whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from attention import Rope3D, build_attention_layers
+from attention import QK_NORMS, RotaryTables, build_attention_layers, rope_tables
 
 Grid = tuple[int, int, int]
 
@@ -90,9 +92,10 @@ class DiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor, rope: Rope3D) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, grid: Grid, rope: RotaryTables) -> Tensor:
+        """x (B, N, C) on the token grid (T, H, W), conditioning c (B, C)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid, rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -111,11 +114,13 @@ class FinalLayer(nn.Module):
 
 
 class VideoDiT(nn.Module):
-    """Video DiT over latents of a fixed shape.
+    """Video DiT over latents of any size the patch size divides.
 
     Args:
         in_channels: latent channels C.
-        input_size: latent clip size (T, H, W); each must be divisible by the patch size.
+        input_size: the reference latent clip size (T, H, W), each divisible by the patch
+            size: it sets ``grid``/``num_tokens`` (FLOP counts, MHLA ``layout: auto``);
+            inputs of other sizes run on their own token grid.
         patch_size: (pt, ph, pw).
         hidden_size, depth, num_heads, mlp_ratio: transformer sizes.
         num_classes: class labels for conditioning (0 = unconditional).
@@ -123,6 +128,7 @@ class VideoDiT(nn.Module):
             training, for classifier-free guidance.
         attention: attention config node (single variant or hybrid), see ``configs/attention``.
         gradient_checkpointing: recompute each block in backward to save memory.
+        qk_norm: q/k RMSNorm of the attention layers, "per_head" or "across_heads" (Wan2.1).
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class VideoDiT(nn.Module):
         class_dropout_prob: float,
         attention: Mapping,
         gradient_checkpointing: bool = False,
+        qk_norm: str = "per_head",
     ):
         super().__init__()
         input_size, patch_size = tuple(int(s) for s in input_size), tuple(int(p) for p in patch_size)
@@ -159,9 +166,10 @@ class VideoDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         attention_layers = build_attention_layers(
-            attention, depth=depth, dim=hidden_size, num_heads=num_heads, grid=self.grid
+            attention, depth=depth, dim=hidden_size, num_heads=num_heads, grid=self.grid, qk_norm=qk_norm
         )
-        self.rope = Rope3D(hidden_size // num_heads, self.grid)
+        self.head_dim = hidden_size // num_heads
+        self._rope_cache: dict[tuple[Grid, torch.device], RotaryTables] = {}
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, mlp_ratio, attn) for attn in attention_layers)
         self.final_layer = FinalLayer(hidden_size, math.prod(patch_size), in_channels)
         self.initialize_weights()
@@ -188,9 +196,25 @@ class VideoDiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def unpatchify(self, tokens: Tensor) -> Tensor:
-        """(B, N, pt·ph·pw·C) -> (B, C, T, H, W)."""
-        (gt, gh, gw), (pt, ph, pw) = self.grid, self.patch_size
+    def token_grid(self, x: Tensor) -> Grid:
+        """The token grid (T/pt, H/ph, W/pw) of latents x (B, C, T, H, W); ValueError if it does not fit."""
+        if x.dim() != 5 or x.shape[1] != self.in_channels or any(s % p for s, p in zip(x.shape[2:], self.patch_size)):
+            raise ValueError(
+                f"VideoDiT expects latents (B, {self.in_channels}, T, H, W) with (T, H, W) divisible by the patch "
+                f"size {list(self.patch_size)}, got {tuple(x.shape)}"
+            )
+        return tuple(int(s) // p for s, p in zip(x.shape[2:], self.patch_size))
+
+    def rope(self, grid: Grid, device: torch.device) -> RotaryTables:
+        """float32 RoPE tables of a token grid, cached per (grid, device) in a plain dict."""
+        key = (grid, torch.device(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(self.head_dim, grid, device=device)
+        return self._rope_cache[key]
+
+    def unpatchify(self, tokens: Tensor, grid: Grid | None = None) -> Tensor:
+        """(B, N, pt·ph·pw·C) on the token grid (default: the reference grid) -> (B, C, T, H, W)."""
+        (gt, gh, gw), (pt, ph, pw) = grid or self.grid, self.patch_size
         x = tokens.view(tokens.shape[0], gt, gh, gw, pt, ph, pw, self.in_channels)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(tokens.shape[0], self.in_channels, gt * pt, gh * ph, gw * pw)
@@ -199,7 +223,7 @@ class VideoDiT(nn.Module):
         """Velocity prediction.
 
         Args:
-            x: noisy latents (B, C, T, H, W).
+            x: noisy latents (B, C, T, H, W), (T, H, W) divisible by the patch size.
             t: flow time (B,) in [0, 1] (0 = data, 1 = noise).
             y: class labels (B,) long in [0, num_classes], where num_classes means "no
                 label"; ignored when the model is unconditional.
@@ -208,11 +232,8 @@ class VideoDiT(nn.Module):
         Returns:
             (B, C, T, H, W) in x's dtype.
         """
-        if tuple(x.shape[1:]) != (self.in_channels, *self.input_size):
-            raise ValueError(
-                f"VideoDiT expects latents (B, {self.in_channels}, {', '.join(map(str, self.input_size))}), "
-                f"got {tuple(x.shape)}"
-            )
+        grid = self.token_grid(x)
+        rope = self.rope(grid, x.device)
         tokens = self.x_embedder(x)
         c = self.t_embedder(t)
         if self.y_embedder is not None:
@@ -221,10 +242,10 @@ class VideoDiT(nn.Module):
             c = c + self.y_embedder(y, drop_labels)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, self.rope, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, grid, rope, use_reentrant=False)
             else:
-                tokens = block(tokens, c, self.rope)
-        return self.unpatchify(self.final_layer(tokens, c))
+                tokens = block(tokens, c, grid, rope)
+        return self.unpatchify(self.final_layer(tokens, c), grid)
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor | None, cfg_scale: float) -> Tensor:
         """Classifier-free guidance: v_uncond + s·(v_cond − v_uncond) in one doubled batch.
@@ -240,26 +261,23 @@ class VideoDiT(nn.Module):
 
     # ------------------------------------------------------------------ training hooks and accounting
 
-    def clamp_mixing_(self) -> None:
-        """Project every MHLA mixing matrix onto [0, 1] (call after each optimizer step)."""
-        for block in self.blocks:
-            if hasattr(block.attn, "clamp_mixing_"):
-                block.attn.clamp_mixing_()
+    def macs_per_sample(self, grid: Grid | None = None) -> int:
+        """Forward multiply-accumulates for one sample on a token grid (default: the reference grid).
 
-    def macs_per_sample(self) -> int:
-        """Forward multiply-accumulates for one sample (FLOPs = 2 × MACs).
+        FLOPs = 2 × MACs.
 
         Counts every matrix product: patch embedding, timestep MLP, per block adaLN,
         attention (projections + the variant's own core) and MLP, final layer. Label
         embedding lookups, norms and element-wise ops are not counted (DiT convention).
         """
-        dim, n = self.t_embedder.mlp[2].weight.shape[0], self.num_tokens
+        grid = grid or self.grid
+        dim, n = self.t_embedder.mlp[2].weight.shape[0], math.prod(grid)
         patch_in = self.in_channels * math.prod(self.patch_size)
         macs = n * patch_in * dim  # patch embedding
         macs += self.t_embedder.frequency_size * dim + dim * dim  # timestep MLP
         for block in self.blocks:
             mlp_hidden = block.mlp[0].weight.shape[0]
-            macs += 6 * dim * dim + block.attn.macs() + 2 * n * dim * mlp_hidden
+            macs += 6 * dim * dim + block.attn.macs(grid) + 2 * n * dim * mlp_hidden
         macs += 2 * dim * dim + n * dim * patch_in  # final adaLN + linear
         return macs
 
@@ -270,6 +288,8 @@ class VideoDiT(nn.Module):
 def build_dit(model_cfg: Mapping, attention_cfg: Mapping, *, in_channels: int, input_size: Sequence[int],
               num_classes: int) -> VideoDiT:
     """A VideoDiT from the ``model`` and ``attention`` config nodes and the latent shape."""
+    if "qk_norm" not in model_cfg:
+        raise ValueError(f"model.qk_norm is missing; choose one of {list(QK_NORMS)}")
     return VideoDiT(
         in_channels=in_channels,
         input_size=input_size,
@@ -282,4 +302,5 @@ def build_dit(model_cfg: Mapping, attention_cfg: Mapping, *, in_channels: int, i
         class_dropout_prob=model_cfg["class_dropout_prob"],
         attention=attention_cfg,
         gradient_checkpointing=model_cfg["gradient_checkpointing"],
+        qk_norm=model_cfg["qk_norm"],
     )

@@ -1,16 +1,15 @@
 """The video DiT, the rectified-flow objective and the Euler sampler."""
 
+import math
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from dit.flow import (
-    draw_noise_and_time,
-    euler_sample,
-    rectified_flow_loss,
-    sample_flow_time,
-    shift_time,
-)
-from dit.model import VideoDiT
+from attention import apply_rope, constrain_, rope_tables
+from dit.flow import draw_noise_and_time, euler_sample, rectified_flow_loss, sample_flow_time, shift_time
+from dit.model import VideoDiT, build_dit
+from tests.paths import CONFIG_DIR
 from dit.sampling import generate_videos, videos_to_uint8
 
 VARIANTS = [
@@ -116,13 +115,61 @@ def test_linear_attention_dit_counts_fewer_flops_at_long_sequences():
     assert mhla < 0.5 * softmax
 
 
-def test_clamp_mixing_is_applied_to_every_mhla_block():
+def test_constraints_are_applied_to_every_mhla_block():
     model = tiny_dit({"name": "mhla"})
     with torch.no_grad():
         for block in model.blocks:
-            block.attn.mixing.fill_(2.0)
-    model.clamp_mixing_()
-    assert all(block.attn.mixing.max() == 1.0 for block in model.blocks)
+            block.attn.core.mixing.fill_(2.0)
+    constrain_(model)
+    assert all(block.attn.core.mixing.max() == 1.0 for block in model.blocks)
+
+
+@pytest.mark.parametrize("attention", VARIANTS, ids=lambda a: a["name"])
+def test_one_model_runs_on_other_clip_sizes(attention):
+    model = randomize_zero_init(tiny_dit(attention, input_size=(3, 10, 14)))
+    for size in [(3, 10, 14), (1, 6, 6), (5, 4, 18), (2, 2, 2)]:
+        x = torch.randn(1, 3, *size)
+        out = model(x, torch.rand(1), torch.tensor([1]))
+        assert out.shape == x.shape and torch.isfinite(out).all(), size
+    with pytest.raises(ValueError, match=r"divisible by the patch size \[1, 2, 2\]"):
+        model(torch.randn(1, 3, 3, 9, 14), torch.rand(1))
+    grid = model.token_grid(torch.zeros(1, 3, 5, 4, 18))
+    assert grid == (5, 2, 9) and model.macs_per_sample(grid) < model.macs_per_sample()
+
+
+def test_bf16_model_uses_exact_float32_rope_tables(monkeypatch):
+    model = randomize_zero_init(tiny_dit({"name": "softmax"})).to(torch.bfloat16)
+    seen = []
+
+    def recording_rope(x, tables):
+        seen.append(tables)
+        return apply_rope(x, tables)
+
+    monkeypatch.setattr("attention.cores.apply_rope", recording_rope)
+    x = torch.randn(2, 3, 3, 10, 14, dtype=torch.bfloat16)
+    out = model(x, torch.rand(2, dtype=torch.bfloat16), torch.tensor([0, 1]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    exact = rope_tables(16, (3, 5, 7), dtype=torch.float64)
+    assert len(seen) == 2 * len(model.blocks)  # q and k of every block
+    for tables in seen:
+        assert tables.cos.dtype == tables.sin.dtype == torch.float32
+        assert (tables.cos.double() - exact.cos).abs().max() < 1e-7
+        assert (tables.sin.double() - exact.sin).abs().max() < 1e-7
+    assert not any(buffer.numel() for buffer in model.buffers())  # no table is a buffer that .to() could round
+
+
+def test_build_dit_passes_qk_norm_and_refuses_bad_values():
+    model_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml"))
+    assert model_cfg["qk_norm"] == "per_head"
+    kwargs = dict(in_channels=3, input_size=(2, 8, 8), num_classes=0)
+    model = build_dit({**model_cfg, "qk_norm": "across_heads"}, {"name": "linear"}, **kwargs)
+    assert all(block.attn.q_norm.weight.shape == (96,) for block in model.blocks)
+    assert build_dit(model_cfg, {"name": "linear"}, **kwargs).blocks[0].attn.q_norm.weight.shape == (24,)
+    with pytest.raises(ValueError, match=r"model.qk_norm='global' is not valid; choose one of \['per_head', 'across_heads'\]"):
+        build_dit({**model_cfg, "qk_norm": "global"}, {"name": "linear"}, **kwargs)
+    with pytest.raises(ValueError, match="model.qk_norm is missing"):
+        build_dit({k: v for k, v in model_cfg.items() if k != "qk_norm"}, {"name": "linear"}, **kwargs)
+    assert math.prod(model.grid) == model.num_tokens == 4  # (2, 8, 8) latents in (2, 4, 4) patches
 
 
 # ------------------------------------------------------------------------------- flow
