@@ -21,14 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from attention import (
-    ATTENTION_LAYERS,
-    build_attention,
-    hla_attention,
-    linear_attention,
-    mhla_attention,
-    softmax_attention,
-)
+from attention import VARIANTS, build_attention_core
 from configs.entry import compose_config
 from configs.logs import get_logger
 from eval.attention_report import write_attention_outputs
@@ -49,7 +42,8 @@ from eval.benchmark import (
 
 logger = get_logger(__name__)
 
-HLA_FORMS = ("state", "value_modulation")
+# hla_form=both compares the two Kronecker forms; all adds the symmetric form of tied factors.
+HLA_FORM_CHOICES = {"both": ("state", "value_modulation"), "all": ("symmetric", "state", "value_modulation")}
 # The code whose uncommitted changes the report lists next to the commit.
 _WATCHED_PATHS = ("attention", "eval/attention_benchmark.py", "eval/attention_report.py", "eval/benchmark.py",
                   "configs/attention")
@@ -85,13 +79,17 @@ def attention_config(variant: str, overrides: dict | None = None) -> dict:
 
 @dataclass
 class AttentionCase:
-    """One attention core on concrete inputs: ``call()`` runs the core; ``leaves`` get gradients."""
+    """One attention core on concrete inputs: ``call()`` runs ``fn(*args)``; ``leaves`` get gradients."""
 
     label: str
-    call: Callable[[], Tensor]
+    fn: Callable[..., Tensor]
+    args: tuple[Tensor, ...]
     leaves: list[Tensor]
-    flops: int  # forward FLOPs of the core (2 x the layer's core_macs), whole batch
+    flops: int  # forward FLOPs of the core (2 x the core's core_macs), whole batch
     info: dict = field(default_factory=dict)
+
+    def call(self) -> Tensor:
+        return self.fn(*self.args)
 
 
 def _rms_normed(shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -111,99 +109,60 @@ def build_attention_case(
     device: torch.device | str = "cpu",
     hla_order: int | None = None,
     hla_rank: int | None = None,
-    hla_form: str = "state",
+    hla_form: str = "auto",
     seed: int = 0,
+    compile_backend: str | None = None,
 ) -> AttentionCase:
-    """Realistic core inputs for a variant, built through the variant's own layer.
+    """Realistic core inputs for a variant, built through the variant's own core.
 
-    The layer (from the shipped config, via :func:`attention.build_attention`) supplies
-    the settings (normalize, eps), the feature map, HLA's tied Taylor factors
-    ``[1, x·W/√(p·√d)]`` (the same tensor for all p factors, as the layer does), MHLA's
-    block index / locality mixing for the auto layout on :func:`token_grid` (N), and the
-    FLOP count (``core_macs``). q and k are RMS-normalised randn as after the layers' qk
-    RMSNorm, v is randn. The leaves are what the core sees: features/factors are
-    detached, so forward+backward times the core only (no projections, feature maps,
-    RoPE or output RMSNorm).
+    The core (from the shipped config, :func:`attention.build_attention_core`) supplies the
+    settings, the inputs of its functional core (``core_inputs``: features, HLA's Taylor or
+    learned factors, MHLA's blocks for the auto layout on :func:`token_grid` (N)) and the FLOP
+    count (``core_macs``). q and k are RMS-normalised randn as after the layers' q/k RMSNorm,
+    v is randn. The leaves are what the functional core sees (and MHLA's mixing matrix): the
+    inputs are detached, so forward+backward times the core only (no projections, feature
+    maps, RoPE or output RMSNorm). ``compile_backend``: run it through ``torch.compile``.
     """
     device = torch.device(device)
-    if variant not in ATTENTION_LAYERS:
-        raise ValueError(f"unknown attention variant {variant!r}; choose from {sorted(ATTENTION_LAYERS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown attention variant {variant!r}; choose from {list(VARIANTS)}")
     overrides = {}
     if variant == "hla":
+        overrides["form"] = hla_form
         if hla_order is not None:
             overrides["order"] = hla_order
         if hla_rank is not None:
             overrides["rank"] = hla_rank or None  # 0 -> null: W = identity
     grid = token_grid(num_tokens)
     torch.manual_seed(seed)
-    layer = build_attention(attention_config(variant, overrides), dim=heads * head_dim, num_heads=heads, grid=grid)
-    layer = layer.to(device)
+    core = build_attention_core(attention_config(variant, overrides), dim=heads * head_dim, num_heads=heads,
+                                grid=grid).to(device)
     shape = (batch, heads, num_tokens, head_dim)
-    flops = 2 * batch * layer.core_macs()
-    info: dict = {"grid": list(grid)}
-
     with torch.no_grad():
-        q, k = _rms_normed(shape, device), _rms_normed(shape, device)
+        inputs = core.core_inputs(_rms_normed(shape, device), _rms_normed(shape, device), grid)
         v = torch.randn(shape, device=device)
-        if variant == "softmax":
-            tensors = [q, k]
-        elif variant in ("linear", "mhla"):
-            tensors = [layer.features(q), layer.features(k)]
-        else:
-            if layer.factors == "tied":
-                tensors = [layer._taylor_factor(q), layer._taylor_factor(k)]
-            else:
-                tensors = [layer._positive(m(q)) for m in layer.q_maps] + [layer._positive(m(k)) for m in layer.k_maps]
-    leaves = [t.to(dtype).requires_grad_() for t in tensors + [v]]
-    v = leaves[-1]
+    args = tuple(t.to(dtype).requires_grad_() for t in (*inputs, v))
+    leaves = [*args, core.mixing] if variant == "mhla" else list(args)  # the mixing matrix is learnt: it gets a gradient
 
-    if variant == "softmax":
-        q, k = leaves[0], leaves[1]
-        label = "softmax"
+    def fn(*tensors: Tensor) -> Tensor:
+        return core.core(tensors[:-1], tensors[-1], grid)
 
-        def call() -> Tensor:
-            return softmax_attention(q, k, v)
-
-    elif variant == "linear":
-        q, k = leaves[0], leaves[1]
-        label = "linear"
-        info["normalize"] = layer.normalize
-
-        def call() -> Tensor:
-            return linear_attention(q, k, v, normalize=layer.normalize, eps=layer.eps)
-
-    elif variant == "mhla":
-        q, k = leaves[0], leaves[1]
-        label = "mhla"
-        mixing = layer.mixing.detach().clone().requires_grad_()  # learnable: it gets a gradient
-        leaves.append(mixing)
-        block_index = layer.block_index
-        info.update(layout=list(layer.layout), blocks=math.prod(layer.layout), normalize=layer.normalize)
-
-        def call() -> Tensor:
-            return mhla_attention(q, k, v, block_index, mixing, normalize=layer.normalize, eps=layer.eps)
-
-    else:
-        order = layer.order
-        if layer.factors == "tied":
-            q_factors, k_factors = [leaves[0]] * order, [leaves[1]] * order
-        else:
-            q_factors, k_factors = leaves[:order], leaves[order : 2 * order]
-        label = f"hla[{hla_form}]"
-        info.update(
-            order=order,
-            factors=layer.factors,
-            rank=layer.rank,
-            factor_width=layer.factor_rank,
-            kronecker_rank=layer.factor_rank**order,
-            form=hla_form,
-            normalize=layer.normalize,
-        )
-
-        def call() -> Tensor:
-            return hla_attention(q_factors, k_factors, v, normalize=layer.normalize, eps=layer.eps, form=hla_form)
-
-    return AttentionCase(label=label, call=call, leaves=leaves, flops=flops, info=info)
+    info: dict = {"grid": list(grid)}
+    label = variant
+    if variant in ("linear", "mhla"):
+        info["normalize"] = core.normalize
+    if variant == "mhla":
+        info.update(layout=list(core.layout), blocks=math.prod(core.layout))
+    if variant == "hla":
+        label = f"hla[{core.form}]"
+        info.update(order=core.order, factors=core.factors, rank=core.rank, factor_width=core.factor_rank,
+                    kronecker_rank=core.factor_rank**core.order, feature_dim=core.feature_dim, form=core.form,
+                    normalize=core.normalize)
+    if compile_backend:
+        fn = torch.compile(fn, backend=compile_backend, fullgraph=True)
+        info["compiled"] = compile_backend
+    return AttentionCase(label=label, fn=fn, args=args, leaves=leaves, flops=2 * batch * core.core_macs(grid),
+                         info=info)
 
 
 def measure_attention_point(spec: dict) -> dict:
@@ -228,7 +187,8 @@ def measure_attention_point(spec: dict) -> dict:
         device=device,
         hla_order=spec.get("hla_order"),
         hla_rank=spec.get("hla_rank"),
-        hla_form=spec.get("hla_form", "state"),
+        hla_form=spec.get("hla_form", "auto"),
+        compile_backend=spec.get("compile"),
     )
     tiny = build_attention_case(spec["variant"], min(spec["n"], 64), batch=1, heads=1, **common)
     tiny.call().float().sum().backward()
@@ -267,12 +227,11 @@ def measure_attention_point(spec: dict) -> dict:
 
 
 def attention_labels(variants: Sequence[str], hla_form: str) -> list[tuple[str, str | None]]:
-    """(variant, hla form) pairs to measure, in order; 'both' measures HLA in each form."""
+    """(variant, hla form) pairs to measure, in order; 'both' / 'all' measure HLA in several forms."""
     pairs: list[tuple[str, str | None]] = []
     for variant in variants:
         if variant == "hla":
-            forms = HLA_FORMS if hla_form == "both" else (hla_form,)
-            pairs += [("hla", form) for form in forms]
+            pairs += [("hla", form) for form in HLA_FORM_CHOICES.get(hla_form, (hla_form,))]
         else:
             pairs.append((variant, None))
     return pairs
@@ -296,25 +255,26 @@ def run_attention(cfg: DictConfig, command: str) -> dict:
         result = json.loads(path.read_text())
         write_attention_outputs(result, Path(cfg.out) if cfg.out else path.parent)
         return result
-    unknown = sorted(set(cfg.variants) - set(ATTENTION_LAYERS))
+    unknown = sorted(set(cfg.variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"variants={list(cfg.variants)}: {unknown} are not attention cores; "
-                         f"choose from {sorted(ATTENTION_LAYERS)}")
+                         f"choose from {list(VARIANTS)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     isolation = cfg.isolation if cfg.isolation != "auto" else ("subprocess" if device.type == "cpu" else "inprocess")
     out_dir = Path(cfg.out) if cfg.out else default_out_dir("attention", device)
     tokens = sorted(set(cfg.tokens))
-    pairs = attention_labels(cfg.variants, cfg.hla_form)
-    labels = [variant if form is None else f"hla[{form}]" for variant, form in pairs]
-
-    # Settings the layers resolve from the configs (HLA ranks, normalisation), for the report.
+    # Settings the cores resolve from the configs (HLA ranks and form, normalisation), for the report.
     probe_n = tokens[0]
     hla_info = {}
     if "hla" in cfg.variants:
         hla_info = build_attention_case("hla", probe_n, batch=1, heads=1, head_dim=cfg.head_dim,
-                                        hla_order=cfg.hla_order, hla_rank=cfg.hla_rank).info
+                                        hla_order=cfg.hla_order, hla_rank=cfg.hla_rank,
+                                        hla_form="auto" if cfg.hla_form in HLA_FORM_CHOICES else cfg.hla_form).info
+    pairs = [(variant, hla_info["form"] if form == "auto" else form)
+             for variant, form in attention_labels(cfg.variants, cfg.hla_form)]
+    labels = [variant if form is None else f"hla[{form}]" for variant, form in pairs]
     settings = {
         "tokens": tokens,
         "batch": cfg.batch,
@@ -323,8 +283,9 @@ def run_attention(cfg: DictConfig, command: str) -> dict:
         "dtype": cfg.dtype,
         "variants": list(cfg.variants),
         "hla_form": cfg.hla_form,
-        "hla": {key: hla_info.get(key) for key in ("order", "rank", "factor_width", "kronecker_rank", "factors",
-                                                    "normalize")},
+        "hla": {key: hla_info.get(key) for key in ("order", "rank", "factor_width", "kronecker_rank", "feature_dim",
+                                                    "factors", "form", "normalize")},
+        "compile": cfg.compile,
         "linear_normalize": attention_config("linear").get("normalize"),
         "mhla_normalize": attention_config("mhla").get("normalize"),
         "budget_s": cfg.budget_s,
@@ -355,7 +316,7 @@ def run_attention(cfg: DictConfig, command: str) -> dict:
             spec = {
                 "variant": variant, "n": n, "batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim,
                 "dtype": cfg.dtype, "device": str(device), "hla_order": cfg.hla_order, "hla_rank": cfg.hla_rank,
-                "hla_form": form or "state", "seed": cfg.seed, "warmup": cfg.warmup, "repeats": cfg.repeats,
+                "hla_form": form or "auto", "compile": cfg.compile, "seed": cfg.seed, "warmup": cfg.warmup, "repeats": cfg.repeats,
                 "budget_s": cfg.budget_s, "threads": torch.get_num_threads(),
             }
             try:
