@@ -23,6 +23,7 @@ import json
 import math
 import resource
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from torch import nn
 
 from attention import constrain_
 from configs.entry import entry_point
@@ -39,14 +41,18 @@ from configs.logs import get_logger, progress
 from configs.processes import end_processes, end_with_launcher, training_accelerator
 from data.sampler import SampleStream, sample_stream_loader
 from data.training_data import TrainingData
-from data.vae import build_vae
 from data.video import write_grid_mp4, write_mp4
 from dit import deepspeed_glue
-from dit.checkpoint import latest_checkpoint
-from dit.flow import rectified_flow_loss, training_randomness
-from dit.model import VideoDiT, build_dit
-from dit.sampling import generate_videos
-from dit.train_state import TrainState, check_resume_compatible, load_checkpoint, load_deepspeed_state, write_checkpoint
+from dit.checkpoint import latest_checkpoint, load_state_dict, resolve_checkpoint
+from dit.families import model_family, take, trainable_parameters
+from dit.flow import noisy_latents, rectified_flow_loss, training_randomness
+from dit.train_state import (
+    TrainState,
+    check_resume_compatible,
+    load_checkpoint,
+    load_deepspeed_state,
+    write_checkpoint,
+)
 from eval.fvd import fvd_of_model, load_i3d, training_real_stats
 from eval.generation import generation_seed
 from eval.metrics import MetricsLogger
@@ -99,19 +105,23 @@ def check_same_run_dir(run_dir: Path, accelerator: Accelerator) -> None:
                            f"hydra.run.dir (or hydra.sweep.dir for -m) to one path for all processes")
 
 
-def model_summary(model: VideoDiT, cfg: DictConfig) -> dict:
-    """Parameter count, tokens per sample and forward FLOPs per sample (logged and saved with the run)."""
-    flops = 2 * model.macs_per_sample()
-    summary = {"parameters": model.num_parameters(), "tokens_per_sample": model.num_tokens,
-               "token_grid": list(model.grid), "forward_flops_per_sample": flops, "attention": cfg.attention.name}
-    logger.info(f"model {cfg.model.name}: {summary['parameters'] / 1e6:.2f} M parameters | {model.num_tokens} tokens "
-                f"per sample (grid {model.grid}) | forward {flops / 1e9:.3f} GFLOPs per sample with "
-                f"{cfg.attention.name} attention")
-    return summary
+def log_summary(summary: dict, cfg: DictConfig) -> None:
+    flops = summary.get("forward_flops_per_sample")
+    logger.info(f"model {cfg.model.name}: {summary['parameters'] / 1e6:.2f} M parameters | "
+                f"{summary['tokens_per_sample']} tokens per sample (grid {tuple(summary['token_grid'])})"
+                + (f" | forward {flops / 1e9:.3f} GFLOPs per sample" if flops else "")
+                + f" with {cfg.attention.name} attention")
+
+
+def initial_weights(model: nn.Module, source: str) -> None:
+    """``train.init_from``: another run's (or checkpoint's) raw weights, loaded before training (weights only)."""
+    checkpoint = resolve_checkpoint(source)
+    model.load_state_dict(load_state_dict(checkpoint / "model.safetensors"))
+    logger.info(f"initial weights from {checkpoint} (a new optimizer, step 0)")
 
 
 @torch.no_grad()
-def update_ema(ema: VideoDiT, model: VideoDiT, decay: float, zero_stage: int | None) -> None:
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, zero_stage: int | None) -> None:
     """ema ← decay·ema + (1 − decay)·model, in fp32, on every rank (ZeRO-3: from gathered weights)."""
     params = list(model.parameters())
     with deepspeed_glue.gathered(params, zero_stage):
@@ -119,24 +129,24 @@ def update_ema(ema: VideoDiT, model: VideoDiT, decay: float, zero_stage: int | N
 
 
 @torch.no_grad()
-def apply_constraints(model: VideoDiT, zero_stage: int | None) -> None:
+def apply_constraints(model: nn.Module, zero_stage: int | None) -> None:
     """Project constrained parameters (e.g. MHLA's mixing into [0, 1]) wherever the optimizer keeps weights."""
     constrain_(model)  # the module's (ZeRO-1/2: replicated working) copy
     if zero_stage is not None:
         deepspeed_glue.project_masters(model, zero_stage)
 
 
-def validation_videos(cfg, step, ema, vae, num_classes, fps, run_dir, accelerator, metrics) -> None:
-    """EMA samples split across ranks; rank 0 writes them as mp4 files under samples/."""
+def validation_videos(cfg, step, family, ema, vae, conditions, latent_shape, fps, run_dir, accelerator,
+                      metrics) -> None:
+    """EMA samples (conditioned on ``conditions``) split across ranks; rank 0 writes them under samples/."""
     count = cfg.train.num_val_samples
     if count == 0:
         return
     mine = list(range(accelerator.process_index, count, accelerator.num_processes))
-    labels = [i % num_classes for i in mine] if num_classes else None
-    videos = generate_videos(
-        ema, vae.decode, seeds=[generation_seed(cfg.seed, i) for i in mine], labels=labels,
-        steps=cfg.train.val_steps, cfg_scale=cfg.train.val_cfg_scale, shift=cfg.train.time_shift,
-        batch_size=cfg.train.batch_size, device=accelerator.device,
+    videos = family.generate(
+        ema, vae.decode, take(conditions, mine), seeds=[generation_seed(cfg.seed, i) for i in mine],
+        latent_shape=latent_shape, steps=cfg.train.val_steps, cfg_scale=cfg.train.val_cfg_scale,
+        shift=cfg.train.time_shift, batch_size=cfg.train.batch_size, device=accelerator.device,
     )
     pieces = list(zip(mine, videos))
     if accelerator.num_processes > 1:
@@ -166,17 +176,27 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
 
     # VAE, model, then data: every invalid setting fails here, before any training work.
-    vae = build_vae(cfg.vae, device=accelerator.device)
     data = TrainingData.of_run(cfg)
+    vae = data.build_vae(accelerator.device)
     latent_shape = data.latent_shape(vae)
-    num_classes = cfg.data.num_classes
-    model = build_dit(cfg.model, cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
-                      num_classes=num_classes)
-    summary = model_summary(model, cfg)
+    family = model_family(cfg)
+    family.check(data.has_captions())
+    family.prepare_config(latent_shape)
+    model = family.build(latent_shape)
     dataset = data.dataset()
-    ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay)
+    if data.has_captions():
+        family.empty_caption = dataset.empty_caption()
+    if cfg.train.init_from:
+        initial_weights(model, cfg.train.init_from)
+    summary = {**family.summary(model, latent_shape), "attention": cfg.attention.name}
+    log_summary(summary, cfg)
+    ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device) if cfg.train.ema else model
+    if cfg.train.compile:  # the blocks, in place: weights, checkpoints and resume are as in eager mode
+        family.compile(model)
+        if cfg.train.ema:
+            family.compile(ema)
+    optimizer = torch.optim.AdamW(trainable_parameters(family, model, cfg.train), lr=cfg.train.lr,
+                                  betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "model_summary.json", json.dumps(summary, indent=2))
@@ -191,6 +211,8 @@ def main(cfg: DictConfig) -> None:
     if checkpoint is not None:
         check_resume_compatible(cfg, checkpoint)
         state = load_checkpoint(checkpoint, model, ema, optimizer, scheduler, accelerator, zero_stage)
+    elif cfg.train.init_from:
+        ema.load_state_dict(model.state_dict())
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     if checkpoint is not None:
@@ -204,6 +226,8 @@ def main(cfg: DictConfig) -> None:
     samples_per_step = cfg.train.batch_size * world * cfg.train.grad_accum_steps
     metrics = MetricsLogger(cfg, run_dir, enabled=accelerator.is_main_process)
     fps = data.fps()
+    val_conditions = family.validation_conditions(dataset, cfg.train.num_val_samples)
+    tokens_per_sample = summary["tokens_per_sample"]
     # Optional periodic FVD of the EMA weights; without I3D weights this stops here, before training.
     fvd_i3d = load_i3d(device=accelerator.device) if cfg.train.fvd_every else None
     fvd_real = training_real_stats(cfg, vae, fvd_i3d, accelerator)[0] if fvd_i3d is not None else None
@@ -213,19 +237,22 @@ def main(cfg: DictConfig) -> None:
     for step in range(state.step, cfg.train.max_steps):
         # One optimizer step: grad_accum_steps micro-batches, each rank its own slice of the global batch.
         model.train()
-        step_losses = []
+        step_losses, block_losses = [], {}
         for micro in range(cfg.train.grad_accum_steps):
             batch = next(batches)
             x0 = data.clean_latents(batch, vae, accelerator.device)
             positions = micro_batch_positions(state.samples_seen, micro, rank, cfg.train.batch_size, world)
             noise, t, drop = training_randomness(
                 cfg.seed, positions, x0.shape[1:], time_mean=cfg.train.time_mean, time_std=cfg.train.time_std,
-                time_shift=cfg.train.time_shift, dropout_prob=cfg.model.class_dropout_prob)
-            labels = batch["label"].to(accelerator.device) if num_classes else None
-            drop = drop.to(accelerator.device) if labels is not None else None
+                time_shift=cfg.train.time_shift, dropout_prob=family.dropout_prob())
+            conditioning = family.conditioning(batch, drop, accelerator.device)
             with accelerator.accumulate(model), deepspeed_glue.autocast(accelerator, cfg.train.mixed_precision,
                                                                          zero_stage):
-                loss = rectified_flow_loss(model, x0, noise, t, y=labels, drop_labels=drop)
+                if cfg.train.stage == "transfer":  # each converted block against its frozen softmax teacher
+                    x_t = noisy_latents(x0, noise, t)
+                    loss, block_losses = family.transfer_loss(model, x_t, t.to(x0.device), **conditioning)
+                else:
+                    loss = rectified_flow_loss(partial(family.velocity, model), x0, noise, t, **conditioning)
                 accelerator.backward(loss)  # DeepSpeed: also clips and steps at the last micro-step
             step_losses.append(loss.detach())
         loss = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean")
@@ -242,7 +269,8 @@ def main(cfg: DictConfig) -> None:
             optimizer.step()  # a no-op under DeepSpeed
             scheduler.step()
             apply_constraints(raw_model, zero_stage)
-            update_ema(ema, raw_model, cfg.train.ema_decay, zero_stage)
+            if cfg.train.ema:
+                update_ema(ema, raw_model, cfg.train.ema_decay, zero_stage)
             state.consecutive_nonfinite = 0
         else:
             state.skipped_steps += 1
@@ -262,7 +290,7 @@ def main(cfg: DictConfig) -> None:
         timed_steps += 1
         elapsed = time.perf_counter() - timer
         rates = {"steps_per_s": timed_steps / elapsed, "samples_per_s": timed_steps * samples_per_step / elapsed,
-                 "tokens_per_s": timed_steps * samples_per_step * raw_model.num_tokens / elapsed}
+                 "tokens_per_s": timed_steps * samples_per_step * tokens_per_sample / elapsed}
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", **{k.replace("_per_s", "/s"): f"{v:.2f}" for k, v in rates.items()})
         last = state.step == cfg.train.max_steps
@@ -272,13 +300,16 @@ def main(cfg: DictConfig) -> None:
                       "peak_memory_gb": peak_memory_gb(accelerator.device), **rates}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            record.update({f"transfer_loss_block_{i:02d}": value for i, value in block_losses.items()})
             metrics.log(state.step, record)
             losses = []
         # While losses are non-finite, keep the last good checkpoint as the newest one.
         if (state.step % cfg.train.checkpoint_every == 0 and state.consecutive_nonfinite == 0) or last:
-            write_checkpoint(run_dir, cfg, state, model, ema, optimizer, scheduler, accelerator, zero_stage)
+            write_checkpoint(run_dir, cfg, state, model, ema, optimizer, scheduler, accelerator, zero_stage,
+                             extra_files=family.checkpoint_files(raw_model))
         if (cfg.train.sample_every and state.step % cfg.train.sample_every == 0) or last:
-            validation_videos(cfg, state.step, ema, vae, num_classes, fps, run_dir, accelerator, metrics)
+            validation_videos(cfg, state.step, family, ema, vae, val_conditions, latent_shape, fps, run_dir, accelerator,
+                              metrics)
         if cfg.train.fvd_every and state.step % cfg.train.fvd_every == 0:
             fvd = fvd_of_model(ema, vae.decode, cfg, num_samples=cfg.train.fvd_num_samples, steps=cfg.train.val_steps,
                                cfg_scale=cfg.train.val_cfg_scale, seed=cfg.seed, i3d=fvd_i3d, real_stats=fvd_real,

@@ -48,7 +48,13 @@ from .registry import (
     layer_configs,
     variant_settings,
 )
-from .rope import RotaryTables, apply_rope, rope_axis_dims, rope_tables, rotary_tables_from_wan
+from .rope import (
+    RotaryTables,
+    apply_rope,
+    rope_axis_dims,
+    rope_tables,
+    rotary_tables_from_wan,
+)
 
 __all__ = [
     "softmax_attention",

@@ -33,8 +33,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .constraints import Constrained, unit_interval
-from .functional import hla_attention, hla_tied_attention, linear_attention, softmax_attention
-from .mhla import Grid, check_grid, mhla_auto_layout, mhla_grid_attention, mhla_locality_mixing
+from .functional import (
+    hla_attention,
+    hla_tied_attention,
+    linear_attention,
+    softmax_attention,
+)
+from .mhla import (
+    Grid,
+    check_grid,
+    mhla_auto_layout,
+    mhla_grid_attention,
+    mhla_locality_mixing,
+)
 from .rope import RotaryTables, apply_rope, rope_axis_dims
 
 

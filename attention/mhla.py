@@ -27,7 +27,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import accumulation_dtype, check_same_tokens, guard_denominator, no_autocast, normalizer_features
+from .functional import (
+    accumulation_dtype,
+    check_same_tokens,
+    guard_denominator,
+    no_autocast,
+    normalizer_features,
+)
 
 Grid = tuple[int, int, int]
 

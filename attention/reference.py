@@ -103,3 +103,44 @@ def mhla_attention_reference(
         normaliser = (normalizer_q.double() @ normalizer_k.double().transpose(-1, -2)) * block_mixing
         row_sums = normaliser.sum(dim=-1, keepdim=True)
     return _apply_weights(weights, v, normalize, eps, row_sums)
+
+
+def explicit_weights(core, q: Tensor, k: Tensor, grid, rope=None) -> tuple[Tensor, Tensor | None]:
+    """The explicit N×N weights a core applies to v, and the row sums it divides by.
+
+    core: an :class:`attention.cores.AttentionCore`; q, k: (B, h, N, d) as the core receives
+    them (projected and q/k-normalised); grid, rope: as in the core's forward. Returns
+    (weights (B, h, N, N) float64, row sums (B, h, N, 1) float64 or None when the core does not
+    normalise — softmax weights are already row-stochastic). The core's output is then
+    ``weights @ v / guard(row sums)`` (before its output norm): :func:`reference_core_output`.
+    """
+    from .mhla import mhla_block_index
+
+    inputs = [t.double() for t in core.core_inputs(q, k, grid, rope)]
+    if core.variant == "softmax":
+        logits = inputs[0] @ inputs[1].transpose(-1, -2) / math.sqrt(inputs[0].shape[-1])
+        return torch.softmax(logits, dim=-1), None
+    if core.variant == "hla":
+        p = core.order
+        pairs = [(inputs[0], inputs[1])] * p if core.factors == "tied" else list(zip(inputs[:p], inputs[p:]))
+        weights = math.prod(q_m @ k_m.transpose(-1, -2) for q_m, k_m in pairs)
+        return weights, (weights.sum(-1, keepdim=True) if core.normalize else None)
+    q_f, k_f, n_q, n_k = core.split_inputs(inputs)
+    mask = 1.0
+    if core.variant == "mhla":
+        index = mhla_block_index(grid, core.layout).to(q_f.device)
+        mask = core.mixing.double()[index][:, index]
+    weights = (q_f @ k_f.transpose(-1, -2)) * mask
+    if not core.normalize:
+        return weights, None
+    normaliser = weights if n_q is None else (n_q @ n_k.transpose(-1, -2)) * mask
+    return weights, normaliser.sum(-1, keepdim=True)
+
+
+def reference_core_output(core, q: Tensor, k: Tensor, v: Tensor, grid, rope=None) -> Tensor:
+    """The output of ``core.core(core.core_inputs(q, k, grid, rope), v, grid)``, from the explicit weights.
+
+    (B, h, N, d) in v's dtype, computed in float64 (the normaliser guarded as in the efficient cores).
+    """
+    weights, row_sums = explicit_weights(core, q, k, grid, rope)
+    return _apply_weights(weights, v, row_sums is not None, core.eps if row_sums is not None else 0.0, row_sums)

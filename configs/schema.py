@@ -75,6 +75,10 @@ def text(v) -> bool:
     return isinstance(v, str) and bool(v)
 
 
+def any_text(v) -> bool:
+    return isinstance(v, str)
+
+
 def list_of(rule: Rule, min_length: int = 1) -> Rule:
     wrapped = lambda v: isinstance(v, (list, tuple)) and len(v) >= min_length and all(rule(x) for x in v)  # noqa: E731
     wrapped.description = f"a list of at least {min_length} × {describe(rule)}"
@@ -102,6 +106,7 @@ DESCRIPTIONS = {
     boolean: "true or false",
     number: "a number",
     text: "a non-empty string",
+    any_text: "a string",
 }
 
 
@@ -115,6 +120,7 @@ TRAIN_SCHEMA: dict[str, dict[str, Rule]] = {
     "": {"seed": non_negative_int},
     "model": {
         "name": text,
+        "family": one_of("dit", "wan"),
         "hidden_size": positive_int,
         "depth": positive_int,
         "num_heads": positive_int,
@@ -125,6 +131,9 @@ TRAIN_SCHEMA: dict[str, dict[str, Rule]] = {
         "gradient_checkpointing": boolean,
     },
     "train": {
+        "stage": one_of("finetune", "transfer"),
+        "trainable": one_of("all", "attention"),
+        "init_from": optional(text),
         "max_steps": positive_int,
         "batch_size": positive_int,
         "grad_accum_steps": positive_int,
@@ -134,8 +143,11 @@ TRAIN_SCHEMA: dict[str, dict[str, Rule]] = {
         "warmup_steps": non_negative_int,
         "lr_schedule": one_of("constant", "cosine"),
         "grad_clip": non_negative,
+        "ema": boolean,
         "ema_decay": unit_interval,
         "mixed_precision": one_of("no", "bf16", "fp16"),
+        "compile": boolean,
+        "compile_backend": one_of("inductor", "aot_eager", "eager"),
         "time_mean": number,
         "time_std": positive,
         "time_shift": positive,
@@ -157,6 +169,14 @@ TRAIN_SCHEMA: dict[str, dict[str, Rule]] = {
     },
 }
 TRAIN_SCHEMA["train"]["betas"].description = "two numbers in [0, 1)"
+# A pretrained model (model.family=wan) brings its own architecture: only where it is and how to run it.
+WAN_MODEL_SCHEMA: dict[str, Rule] = {
+    "name": text,
+    "family": one_of("wan"),
+    "path": text,
+    "reference_grid": optional(int_list(3)),
+    "gradient_checkpointing": boolean,
+}
 
 SAMPLING_SCHEMA: dict[str, Rule] = {  # configs/sampling/default.yaml, shared by sample.py and eval.fvd
     "steps": positive_int,
@@ -212,6 +232,10 @@ BENCHMARK_SCHEMAS: dict[str, dict[str, Rule]] = {
         "channels": positive_int, "steps": positive_int, "repeats": positive_int, "dtype": _DTYPE,
         "device": _DEVICE, "out": optional(text),
     },
+    "suite": {
+        "budget_s": positive, "quick": boolean, "device": _DEVICE, "peak_tflops": optional(positive),
+        "out": optional(text),
+    },
 }
 for _schema in BENCHMARK_SCHEMAS.values():
     _schema["benchmark"] = one_of(*BENCHMARK_SCHEMAS)
@@ -221,12 +245,15 @@ CONFIG_SCHEMAS: dict[str, dict[str, dict[str, Rule]]] = {
     "train": TRAIN_SCHEMA,
     "sample": {"": {
         "checkpoint": text, "num_samples": positive_int, "labels": optional(list_of(non_negative_int)),
+        "prompts": optional(list_of(text)), "prompts_file": optional(text), "videos_per_prompt": positive_int,
+        "negative_prompt": any_text, "text_encoder": optional(text), "shift": optional(positive),
         "out_dir": optional(text), "fps": optional(positive), "weights": one_of("ema", "model"), **SAMPLING_SCHEMA,
     }},
-    "extract_latents": {"": {
-        "out": text, "batch_size": positive_int, "shard_size": positive_int, "seed": non_negative_int,
-        "cpu_threads": optional(positive_int),
-    }},
+    "extract_latents": {
+        "": {"out": text, "batch_size": positive_int, "shard_size": positive_int, "seed": non_negative_int,
+             "cpu_threads": optional(positive_int)},
+        "text_encoder": {"path": optional(text), "max_length": positive_int},
+    },
     "fvd": {"": FVD_SCHEMA},
     "report": {"": {"runs": one_or_list_of(text), "out": optional(text), "val_clips": non_negative_int}},
 }
@@ -266,6 +293,8 @@ def _schema_of(cfg: Mapping, config_name: str) -> dict[str, dict[str, Rule]]:
         return schema
     if config_name not in CONFIG_SCHEMAS:
         raise ConfigError(f"no schema for the config {config_name!r}; known: {sorted(CONFIG_SCHEMAS)}")
+    if config_name == "train" and cfg.get("model", {}).get("family") == "wan":
+        return {**CONFIG_SCHEMAS["train"], "model": WAN_MODEL_SCHEMA}
     return CONFIG_SCHEMAS[config_name]
 
 
@@ -284,7 +313,7 @@ def validate_config(cfg: Mapping, config_name: str) -> None:
         if unknown:
             raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(rules)}")
         for key, rule in rules.items():
-            if key not in node:
+            if key not in node.keys():
                 if key in OPTIONAL_KEYS.get(group, ()):
                     continue
                 raise ConfigError(f"{prefix}{key} is missing; it must be {describe(rule)}")

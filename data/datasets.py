@@ -24,7 +24,13 @@ from configs.files import atomic_write_text
 from configs.logs import get_logger
 from configs.schema import config_path
 from data.demo import ensure_demo_videos
-from data.video import VIDEO_EXTENSIONS, VideoInfo, VideoReadError, probe_video, read_frames
+from data.video import (
+    VIDEO_EXTENSIONS,
+    VideoInfo,
+    VideoReadError,
+    probe_video,
+    read_frames,
+)
 
 logger = get_logger(__name__)
 
@@ -329,6 +335,18 @@ class VideoClipDataset(Dataset):
             f"no usable videos in {self.source}: all {len(self.skipped)} file(s) were "
             f"skipped:\n{self._listed_skips()}"
         )
+
+    def keep_captioned(self) -> None:
+        """Skip (and list) every video without a caption, for caption-conditioned training."""
+        missing = [entry for entry in self.entries if not (entry.caption or "").strip()]
+        if not missing:
+            return
+        self.skipped.extend((str(entry.path), "empty caption (a text-to-video run needs one)") for entry in missing)
+        self.entries = [entry for entry in self.entries if (entry.caption or "").strip()]
+        if not self.entries:
+            raise ValueError(f"no video of {self.source} has a caption: give a manifest (.csv or .jsonl) with a "
+                             f"'caption' column (data.manifest=<file>)")
+        logger.warning(self._skip_summary())
 
     def write_skipped_report(self, path: str | os.PathLike) -> None:
         """Write ``self.skipped`` to ``path`` atomically, one ``path<TAB>reason`` per line."""

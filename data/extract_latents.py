@@ -37,6 +37,7 @@ from configs.processes import end_processes, process_state
 from configs.schema import config_path
 from data.datasets import CONFIG_KEYS, VideoClipDataset, build_video_dataset
 from data.latents import (
+    EMPTY_CAPTION_NAME,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -47,6 +48,7 @@ from data.latents import (
     shard_name,
 )
 from data.sampler import sample_seed
+from data.text import TextEncoder
 from data.vae import VideoVAE, build_vae
 
 logger = get_logger(__name__)
@@ -80,10 +82,13 @@ def clip_fps(dataset: VideoClipDataset) -> float:
 
 
 def clip_record(dataset: VideoClipDataset, index: int, key_seed: int) -> dict:
-    """Source path, frame indices and label of video ``index``'s clip for the key seed (no decoding)."""
+    """Source path, frame indices, label (and caption, if any) of video ``index``'s clip for the key seed."""
     entry = dataset.entries[index]
     frames = dataset.frame_indices(index, key_seed)
-    return {"path": str(entry.path), "frames": [int(f) for f in frames], "label": int(entry.label)}
+    record = {"path": str(entry.path), "frames": [int(f) for f in frames], "label": int(entry.label)}
+    if entry.caption is not None:
+        record["caption"] = entry.caption
+    return record
 
 
 def planned_clip(dataset: VideoClipDataset, index: int, seed: int) -> dict:
@@ -112,14 +117,12 @@ def read_shard_metadata(path: Path) -> tuple[dict, list[int]] | None:
     return metadata, shape
 
 
-def write_shard(path: Path, latents: torch.Tensor, labels: torch.Tensor, metadata: dict) -> None:
-    """Write one shard atomically (temporary file, fsync, rename)."""
-    tensors = {"latents": latents.contiguous(), "labels": labels.to(torch.int64).contiguous()}
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write one shard's tensors (``latents``, ``labels``, optional ``text`` / ``text_lengths``) atomically."""
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     with atomic_output_path(path) as temporary:
         save_file(tensors, str(temporary), metadata={SHARD_METADATA_KEY: canonical_json(metadata)})
         os.chmod(temporary, 0o666 & ~_UMASK)  # safetensors creates 0600 files; shards are shared data
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
 
 
 def remove_stale_temporaries(out: Path) -> list[str]:
@@ -209,7 +212,12 @@ def extract(cfg: DictConfig) -> dict:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (num_frames, resolution)):
         raise ExtractionError(f"data.num_frames and data.resolution must be integers, got {num_frames!r}, {resolution!r}")
     latent_shape = list(vae.latent_shape(num_frames, resolution, resolution))
+    text_path = config_path(cfg.text_encoder, "path")
+    text_encoder = None if text_path is None else TextEncoder(text_path, max_length=cfg.text_encoder.max_length,
+                                                              device=state.device)
     dataset = build_video_dataset(cfg.data, seed=seed)
+    if text_encoder is not None:
+        dataset.keep_captioned()
     probe_skipped = list(dataset.skipped)  # read failures are added from the shards at the end
 
     identity = vae.identity_key()
@@ -221,6 +229,9 @@ def extract(cfg: DictConfig) -> dict:
         "data": data_settings(cfg.data), "seed": seed, "shard_size": shard_size, "num_clips": num_clips,
         "latent_shape": latent_shape,
     }
+    if text_encoder is not None:
+        text_identity = text_encoder.identity_key()
+        settings["text_encoder"] = {k: text_identity[k] for k in ("config_hash", "max_length")}
     plans = []
     for shard in range(num_shards):
         clips = [planned_clip(dataset, i, seed) for i in range(shard * shard_size, min(num_clips, (shard + 1) * shard_size))]
@@ -244,25 +255,29 @@ def extract(cfg: DictConfig) -> dict:
 
     mine = [k for k in pending if k % world == rank]
     encode_started = time.perf_counter()
-    _encode_shards(cfg, dataset, vae, out, mine, plans, settings, shard_size, batch_size, seed, world)
+    _encode_shards(cfg, dataset, vae, text_encoder, out, mine, plans, settings, shard_size, batch_size, seed, world)
     state.wait_for_everyone()
     encode_seconds = time.perf_counter() - encode_started
 
     report = {}
     if main:
-        report = _finish(out, dataset, probe_skipped, identity, settings, plans, latent_shape, cfg)
+        report = _finish(out, dataset, probe_skipped, identity, text_encoder, settings, plans, latent_shape, cfg)
         report.update(clips_encoded=pending_clips, encode_seconds=encode_seconds,
                       total_seconds=time.perf_counter() - started, shards_reused=len(done), processes=world)
         _print_report(report, out)
     state.wait_for_everyone()
     # Drop everything before tearing down the process group (avoids the gloo abort at exit).
-    del vae, dataset
+    del vae, dataset, text_encoder
     end_processes(state)
     return report
 
 
-def _encode_shards(cfg, dataset, vae, out, shards, plans, settings, shard_size, batch_size, seed, world):
-    """Encode ``shards`` (this rank's) and write each as soon as its last batch is done."""
+def _encode_shards(cfg, dataset, vae, text_encoder, out, shards, plans, settings, shard_size, batch_size, seed, world):
+    """Encode ``shards`` (this rank's) and write each as soon as its last batch is done.
+
+    With a text encoder, each clip's caption embedding is stored trimmed to the longest
+    caption of its shard (``text``, (n, L, D)) with each caption's token count (``text_lengths``).
+    """
     batches = _batches(shards, plans, shard_size, batch_size, seed)
     if not batches:
         return
@@ -273,15 +288,21 @@ def _encode_shards(cfg, dataset, vae, out, shards, plans, settings, shard_size, 
     pieces, rows, started = [], [], time.perf_counter()
     for keys, batch in zip(batches, loader):
         shard = keys[0][0] // shard_size
-        pieces.append((vae.encode(batch["video"].to(vae_device(vae))).cpu(), batch["label"]))
+        piece = {"latents": vae.encode(batch["video"].to(vae_device(vae))).cpu(), "labels": batch["label"]}
+        if text_encoder is not None:
+            captions = [dataset.entries[served].caption for served in batch["index"].tolist()]
+            piece["text"], piece["text_lengths"] = text_encoder.encode(captions)
+        pieces.append(piece)
         for (index, _), served in zip(keys, batch["index"].tolist()):
             rows.append((index, served))
         bar.update(len(keys))
         if world > 1:
             bar.set_postfix_str(f"all ranks ~{bar.n * world / (time.perf_counter() - started):.1f} clip/s")
         if len(rows) == len(plans[shard]["clips"]):
-            latents = torch.cat([p[0] for p in pieces])
-            labels = torch.cat([p[1] for p in pieces])
+            tensors = {name: torch.cat([p[name] for p in pieces]) for name in pieces[0]}
+            tensors["labels"] = tensors["labels"].to(torch.int64)
+            if "text" in tensors:
+                tensors["text"] = tensors["text"][:, : int(tensors["text_lengths"].max())]
             clips = []
             for index, served in rows:
                 clip = clip_record(dataset, served, sample_seed(seed, index))
@@ -289,7 +310,7 @@ def _encode_shards(cfg, dataset, vae, out, shards, plans, settings, shard_size, 
                     clip["replaces"] = str(dataset.entries[index].path)
                 clips.append(clip)
             metadata = {"settings": settings, "shard": shard, "plan": plans[shard]["hash"], "clips": clips}
-            write_shard(out / shard_name(shard), latents, labels, metadata)
+            write_shard(out / shard_name(shard), tensors, metadata)
             pieces, rows = [], []
     bar.close()
 
@@ -299,8 +320,8 @@ def vae_device(vae: VideoVAE) -> torch.device:
     return model.device if model is not None else torch.device("cpu")
 
 
-def _finish(out, dataset, probe_skipped, identity, settings, plans, latent_shape, cfg) -> dict:
-    """Rank 0, after every shard is complete: skipped_files.txt, then manifest.json."""
+def _finish(out, dataset, probe_skipped, identity, text_encoder, settings, plans, latent_shape, cfg) -> dict:
+    """Rank 0, after every shard is complete: skipped_files.txt, the empty caption's embedding, then manifest.json."""
     shards, clips, read_failures = [], [], []
     for shard in range(len(plans)):
         path = out / shard_name(shard)
@@ -336,6 +357,12 @@ def _finish(out, dataset, probe_skipped, identity, settings, plans, latent_shape
         "skipped": [[str(p), str(r)] for p, r in skipped],
         "clips": clips,
     }
+    if text_encoder is not None:
+        embedding, length = text_encoder.encode([""])
+        write_shard(out / EMPTY_CAPTION_NAME, {"text": embedding[:, : int(length.max())], "text_lengths": length},
+                    {"caption": ""})
+        manifest["text_encoder"] = text_encoder.identity_key()
+        manifest["text_dim"] = text_encoder.dim
     atomic_write_text(out / MANIFEST_NAME, manifest_text(manifest))
     return {"num_clips": len(clips), "num_shards": len(shards), "skipped": skipped}
 

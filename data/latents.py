@@ -7,7 +7,11 @@ Layout of a latent directory (``out=`` of the extraction, ``data.root=`` of ``da
         shard_00000.safetensors   clips [0, shard_size): tensors ``latents`` (n, C, T', H', W')
         shard_00001.safetensors   and ``labels`` (n,) int64; the header metadata (key
         ...                       ``linvid_shard``) holds each clip's source path, frame
-                                  indices and label, and the extraction settings
+                                  indices, label (and caption), and the extraction settings;
+                                  with a text encoder also ``text`` (n, L, D) caption
+                                  embeddings trimmed to the shard's longest caption and
+                                  ``text_lengths`` (n,) tokens per caption
+        empty_caption.safetensors with a text encoder: the embedding of "" (caption dropout)
         skipped_files.txt         files the extraction skipped, ``path<TAB>reason`` per line
         manifest.json             written last, once every shard is complete
 
@@ -31,18 +35,21 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from configs.schema import config_path
 from data import vae as vae_module
+from data.text import pad_embeddings
 
 FORMAT = "linvid-latents"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SKIPPED_NAME = "skipped_files.txt"
+EMPTY_CAPTION_NAME = "empty_caption.safetensors"  # caption extractions: the embedding of "" (caption dropout)
 SHARD_METADATA_KEY = "linvid_shard"
 # Keys a data=latents config may hold; num_workers and fps are read by train.py.
-CONFIG_KEYS = ("name", "root", "num_classes", "fps", "num_workers")
+CONFIG_KEYS = ("name", "root", "num_classes", "fps", "num_workers", "caption_dropout")
 
 
 class LatentDirectoryError(ValueError):
@@ -188,7 +195,8 @@ class LatentDataset(Dataset):
 
     Keys: ``index`` or ``(index, sample_seed)`` (the seed is unused: a clip was fixed at
     extraction). Items: ``{"latents": float32 (C, T, H, W), "label": int64 scalar,
-    "index": int}``.
+    "index": int}``, plus ``"text"``: float32 (max_length, D) caption embeddings zero-padded
+    after the caption's tokens, when the extraction had a text encoder.
 
     Args:
         root: the latent directory.
@@ -205,6 +213,11 @@ class LatentDataset(Dataset):
         self.latent_shape: tuple[int, ...] = tuple(int(n) for n in self.manifest["latent_shape"])
         self.skipped: list[tuple[str, str]] = []  # bad files were skipped at extraction (see skipped_files.txt)
         self.fps = self.manifest.get("fps")
+        text_encoder = self.manifest.get("text_encoder")  # caption extractions only
+        self.has_text = text_encoder is not None
+        self.text_max_length = int(text_encoder["max_length"]) if self.has_text else 0
+        if self.has_text and not (self.root / EMPTY_CAPTION_NAME).is_file():
+            raise self._refuse(f"{EMPTY_CAPTION_NAME} is missing: {_unfinished_hint(self.root)}")
         if vae_key is not None:
             self._check_vae(vae_key)
         self._locations, labels = self._check_shards()
@@ -264,8 +277,12 @@ class LatentDataset(Dataset):
                 with safe_open(str(path), framework="pt") as handle:
                     latent_shape = list(handle.get_slice("latents").get_shape())
                     shard_labels = handle.get_tensor("labels").tolist()
+                    has_text = "text" in handle.keys()
             except Exception as error:
                 raise self._refuse(f"{entry['file']} is unreadable ({type(error).__name__}: {error}); {hint}") from error
+            if has_text != self.has_text:
+                raise self._refuse(f"{entry['file']} {'has' if has_text else 'lacks'} caption embeddings, unlike "
+                                   f"{MANIFEST_NAME}; {hint}")
             if latent_shape[1:] != shape:
                 raise self._refuse(
                     f"{entry['file']} holds latents shaped {latent_shape[1:]} per clip, but {MANIFEST_NAME} says "
@@ -331,7 +348,18 @@ class LatentDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} latent clips")
         shard, row = self._locations[index]
         latents = self._handle(shard).get_slice("latents")[row : row + 1]
-        return {"latents": latents[0].float(), "label": self.labels[index].clone(), "index": index}
+        item = {"latents": latents[0].float(), "label": self.labels[index].clone(), "index": index}
+        if self.has_text:
+            length = int(self._handle(shard).get_slice("text_lengths")[row : row + 1][0])
+            text = self._handle(shard).get_slice("text")[row : row + 1][0, :length]
+            item["text"] = pad_embeddings(text.float(), self.text_max_length)
+        return item
+
+    def empty_caption(self) -> Tensor:
+        """(max_length, D) float32 embedding of the empty caption (caption dropout, unconditional guidance)."""
+        with safe_open(str(self.root / EMPTY_CAPTION_NAME), framework="pt") as handle:
+            length = int(handle.get_tensor("text_lengths")[0])
+            return pad_embeddings(handle.get_tensor("text")[0, :length].float(), self.text_max_length)
 
     def clip_info(self, index: int) -> dict:
         """Source path, frame indices, label, shard and row of clip ``index`` (from the manifest)."""

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from data.datasets import VideoClipDataset, build_video_dataset
 from data.latents import LatentDataset, latent_root, read_manifest
-from data.vae import VideoVAE
+from data.vae import VideoVAE, build_vae
 
 DEFAULT_FPS = 8.0  # frame rate of written videos when neither the data config nor a manifest names one
 
@@ -72,6 +72,18 @@ class TrainingData:
             return float(read_manifest(latent_root(self.data_cfg)).get("fps") or DEFAULT_FPS)
         return DEFAULT_FPS
 
+    def has_captions(self) -> bool:
+        """Whether the training data holds caption embeddings (latents extracted with a text encoder)."""
+        return self.is_latents and "text_encoder" in read_manifest(latent_root(self.data_cfg))
+
+    def text_encoder_identity(self) -> dict:
+        """The text encoder (path, config hash, max_length) that made a captioned extraction's embeddings."""
+        record = read_manifest(latent_root(self.data_cfg)).get("text_encoder") if self.is_latents else None
+        if record is None:
+            raise ValueError("this run's training data has no caption embeddings (extract latents with "
+                             "text_encoder.path=<a local UMT5 encoder> for text-to-video training)")
+        return record
+
     def latent_shape(self, vae: VideoVAE) -> tuple[int, int, int, int]:
         """Shape (C, T, H, W) of one sample in latent space, from configs (or the manifest) alone.
 
@@ -85,6 +97,19 @@ class TrainingData:
 
     # ------------------------------------------------------------------ the data itself
 
+    def vae_config(self) -> Mapping:
+        """The run's ``vae`` node, with ``vae=auto`` resolved: identity for video data, the latents' own VAE."""
+        if self.vae_cfg["name"] != "auto":
+            return self.vae_cfg
+        if not self.is_latents:
+            return OmegaConf.create({"name": "identity"})
+        made_by = read_manifest(latent_root(self.data_cfg))["vae"]
+        return OmegaConf.create({key: made_by[key] for key in ("name", "path") if made_by.get(key)})
+
+    def build_vae(self, device: torch.device | str = "cpu") -> VideoVAE:
+        """The run's VAE (:meth:`vae_config`) on ``device``: what encodes its clips and decodes its samples."""
+        return build_vae(self.vae_config(), device=device)
+
     def dataset(self, *, centred: bool = False) -> Dataset:
         """The training dataset; items hold ``"latents"`` or ``"video"``, plus ``"label"``.
 
@@ -92,7 +117,7 @@ class TrainingData:
         start (fixed clips for validation and FVD; extracted latents are fixed anyway).
         """
         if self.is_latents:
-            return LatentDataset.from_config(self.data_cfg, vae_cfg=self.vae_cfg)
+            return LatentDataset.from_config(self.data_cfg, vae_cfg=self.vae_config())
         cfg = self.data_cfg
         if centred:
             cfg = OmegaConf.create({**_plain(cfg), "random_start": False})

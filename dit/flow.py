@@ -65,6 +65,12 @@ def training_randomness(seed: int, positions: Sequence[int], latent_shape: Seque
     return torch.stack(noise), torch.cat(times), torch.cat(drops)
 
 
+def noisy_latents(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 − t)·x₀ + t·ε in float32 on x0's device; x0, noise (B, C, T, H, W), t (B,)."""
+    t_b = t.to(x0.device, torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t_b) * x0.float() + t_b * noise.to(x0.device, torch.float32)
+
+
 def rectified_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor, t: Tensor,
                         **conditioning: Any) -> Tensor:
     """Mean squared error between the predicted and the true velocity ε − x₀, in float32.
@@ -73,12 +79,9 @@ def rectified_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor,
     The model is called as ``model(x_t, t, **conditioning)`` (e.g. ``y=labels,
     drop_labels=...`` for the class-conditional DiT) and returns a tensor like x_t.
     """
-    noise, t = noise.to(x0.device, torch.float32), t.to(x0.device, torch.float32)
-    t_b = t.view(-1, *([1] * (x0.dim() - 1)))
-    x0 = x0.float()
-    x_t = (1 - t_b) * x0 + t_b * noise
-    prediction = model(x_t, t, **conditioning)
-    return F.mse_loss(prediction.float(), noise - x0)
+    x_t = noisy_latents(x0, noise, t)
+    prediction = model(x_t, t.to(x0.device, torch.float32), **conditioning)
+    return F.mse_loss(prediction.float(), noise.to(x0.device, torch.float32) - x0.float())
 
 
 def flow_scheduler(shift: float) -> FlowMatchEulerDiscreteScheduler:

@@ -281,6 +281,15 @@ class VideoDiT(nn.Module):
         macs += 2 * dim * dim + n * dim * patch_in  # final adaLN + linear
         return macs
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every block in place (parameters and state-dict keys unchanged).
+
+        The blocks hold all the attention and MLP work; embedding, RoPE tables and unpatchify
+        stay eager. ``options`` go to ``nn.Module.compile`` (e.g. ``backend="aot_eager"``).
+        """
+        for block in self.blocks:
+            block.compile(**options)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

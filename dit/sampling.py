@@ -29,6 +29,33 @@ def videos_to_uint8(video: Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def sample_videos(
+    velocity_for: Callable[[slice], Callable[[Tensor, Tensor], Tensor]],
+    decode: Callable[[Tensor], Tensor],
+    *,
+    seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    steps: int,
+    shift: float,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> np.ndarray:
+    """One video per seed, ``batch_size`` at a time; returns (N, T, H, W, 3) uint8.
+
+    velocity_for: given the slice of samples of a batch, the velocity (x, t) -> v to integrate
+    for it (with that batch's conditioning and guidance). latent_shape: (C, T', H', W').
+    decode: latents (B, C, T', H', W') -> video (B, 3, T, H, W) in [-1, 1] (the VAE).
+    """
+    outputs = []
+    for start in range(0, len(seeds), batch_size):
+        batch = slice(start, min(start + batch_size, len(seeds)))
+        noise = torch.stack([sample_noise(s, latent_shape) for s in seeds[batch]]).to(device, dtype)
+        latents = euler_sample(velocity_for(batch), noise, steps=steps, shift=shift)
+        outputs.append(videos_to_uint8(decode(latents)))
+    return np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.uint8)
+
+
 def generate_videos(
     model: VideoDiT,
     decode: Callable[[Tensor], Tensor],
@@ -42,26 +69,15 @@ def generate_videos(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
-    """Sample one video per seed and return them as (N, T, H, W, 3) uint8.
-
-    decode: latents (B, C, T', H', W') -> video (B, 3, T, H, W) in [-1, 1] (the VAE).
-    labels: one class per seed, or None for an unconditional model.
-    """
+    """Videos of the class-conditional DiT: one per seed, class ``labels[i]`` (None: unconditional)."""
     was_training = model.training
     model.eval()
-    latent_shape = (model.in_channels, *model.input_size)
-    outputs = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = list(seeds[start : start + batch_size])
-        noise = torch.stack([sample_noise(s, latent_shape) for s in chunk]).to(device, dtype)
-        y = None
-        if labels is not None:
-            y = torch.tensor(list(labels[start : start + batch_size]), dtype=torch.long, device=device)
 
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            return model.forward_with_cfg(x, t, y, cfg_scale)
+    def velocity_for(batch: slice) -> Callable[[Tensor, Tensor], Tensor]:
+        y = None if labels is None else torch.tensor(list(labels[batch]), dtype=torch.long, device=device)
+        return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale)
 
-        latents = euler_sample(velocity, noise, steps=steps, shift=shift)
-        outputs.append(videos_to_uint8(decode(latents)))
+    videos = sample_videos(velocity_for, decode, seeds=seeds, latent_shape=(model.in_channels, *model.input_size),
+                           steps=steps, shift=shift, batch_size=batch_size, device=device, dtype=dtype)
     model.train(was_training)
-    return np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.uint8)
+    return videos

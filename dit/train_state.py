@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,8 +115,11 @@ def check_replicas_in_sync(step: int, model: nn.Module, ema: nn.Module, accelera
 
 
 def write_checkpoint(run_dir: Path, cfg: DictConfig, state: TrainState, model, ema: nn.Module, optimizer, scheduler,
-                     accelerator: Accelerator, zero_stage: int | None) -> None:
+                     accelerator: Accelerator, zero_stage: int | None,
+                     extra_files: dict[str, Callable[[Path], None]] | None = None) -> None:
     """Write a complete checkpoint; all ranks take part (gathering state, DeepSpeed shards), rank 0 writes the rest.
+
+    ``extra_files``: more files of the checkpoint, name -> writer (e.g. a pretrained model's architecture).
 
     Every rank computes the same temporary directory name, so DeepSpeed's per-rank
     optimizer shards land in it before rank 0 indexes it and renames it into place.
@@ -134,6 +138,7 @@ def write_checkpoint(run_dir: Path, cfg: DictConfig, state: TrainState, model, e
         "trainer_state.json": lambda p: p.write_text(json.dumps(
             {**asdict(state), "world_size": accelerator.num_processes, "zero_stage": zero_stage,
              "scheduler": scheduler.state_dict()}, indent=2)),
+        **(extra_files or {}),
     }
     if zero_stage is None:
         writers["optimizer.pt"] = lambda p: torch_save(optimizer.state_dict(), p)

@@ -159,6 +159,7 @@ def build_attention_case(
                     kronecker_rank=core.factor_rank**core.order, feature_dim=core.feature_dim, form=core.form,
                     normalize=core.normalize)
     if compile_backend:
+        torch._dynamo.reset()  # every case is a new graph: no recompilation limit across cases
         fn = torch.compile(fn, backend=compile_backend, fullgraph=True)
         info["compiled"] = compile_backend
     return AttentionCase(label=label, fn=fn, args=args, leaves=leaves, flops=2 * batch * core.core_macs(grid),

@@ -327,20 +327,28 @@ def run_header(device: torch.device, command: str, watch: Sequence[str] = ()) ->
             "device": device_info(device), "load_average": {"before": load_average(), "after": None}}
 
 
-def in_fresh_process(function: str, spec: dict) -> dict:
+class OutOfTime(RuntimeError):
+    """A measurement did not finish within the time it was given."""
+
+
+def in_fresh_process(function: str, spec: dict, timeout_s: float | None = None) -> dict:
     """``function(spec)`` (``"module:name"``) in a new Python process; returns its JSON-able result.
 
     A fresh process gives honest peak-RSS numbers on CPU and carries no allocator state from
     earlier measurements. A process that dies (e.g. killed when out of memory) raises
-    RuntimeError with the reason.
+    RuntimeError with the reason; one still running after ``timeout_s`` is killed and raises
+    :class:`OutOfTime`.
     """
     module, name = function.split(":")
     code = (f"import json, sys\nfrom {module} import {name}\n"
             f"print({_RESULT_MARK!r} + json.dumps({name}(json.loads(sys.argv[1]))), flush=True)\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise OutOfTime(f"{function} did not finish within {timeout_s:.0f} s") from error
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_RESULT_MARK):
             return json.loads(line[len(_RESULT_MARK):])

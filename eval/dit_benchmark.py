@@ -24,7 +24,7 @@ from attention import constrain_
 from configs.entry import compose_config
 from configs.files import atomic_write_text
 from configs.logs import get_logger
-from data.vae import build_vae
+from data.training_data import TrainingData
 from dit.flow import draw_noise_and_time, euler_sample, rectified_flow_loss
 from dit.model import build_dit
 from eval.benchmark import (
@@ -60,14 +60,22 @@ def build_model(spec: dict, device: torch.device):
     Returns (model on ``device``, the composed train config, latent shape (C, T, H, W)).
     """
     cfg = compose_config("train", [f"attention={spec['variant']}"])
-    latent_shape = (spec["channels"], spec["frames"], spec["size"], spec["size"])
+    height, width = spec.get("height") or spec["size"], spec.get("width") or spec["size"]
+    latent_shape = (spec["channels"], spec["frames"], height, width)
     model = build_dit(spec["model"], cfg.attention, in_channels=latent_shape[0], input_size=latent_shape[1:],
                       num_classes=0).to(device)
+    if spec.get("compile"):  # a torch.compile backend name
+        torch._dynamo.reset()  # a new model: no recompilation limit across the models of one process
+        model.compile_blocks(backend=spec["compile"])
     return model, cfg, latent_shape
 
 
 def measure_train_point(spec: dict) -> dict:
-    """One (variant, latent size) training-step measurement. Runs in its own process."""
+    """One (variant, latent size) training-step measurement. Runs in its own process.
+
+    ``spec``: model (a model config node), variant, channels, frames, size (or height and
+    width), batch, steps, warmup, dtype, device, budget_s, threads, peak_flops, compile.
+    """
     torch.manual_seed(0)
     device = resolve_device(spec["device"])
     if spec.get("threads"):
@@ -116,7 +124,7 @@ def measure_sample_point(spec: dict) -> dict:
     device = resolve_device(spec["device"])
     model, cfg, latent_shape = build_model(spec, device)
     model.eval()
-    vae = build_vae(cfg.vae, device=device)
+    vae = TrainingData.of_run(cfg).build_vae(device)
     noise = torch.randn(1, *latent_shape, device=device)
     dtype = DTYPES[spec["dtype"]]
     timings = {}

@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.training_data import TrainingData
-from data.vae import VideoVAE, build_vae
-from dit.checkpoint import load_dit_for_sampling, resolve_checkpoint
-from dit.model import VideoDiT
+from data.vae import VideoVAE
+from dit.checkpoint import resolve_checkpoint
+from dit.families import model_family
 
 SEED_STRIDE = 100_003  # seed of sample i = seed * SEED_STRIDE + i (sample.py's and train.py's convention)
 
@@ -33,15 +33,19 @@ def load_run_config(checkpoint: str | Path) -> DictConfig:
 
 
 def load_sampling_setup(checkpoint: str | Path, device: str | torch.device,
-                        weights: str = "ema") -> tuple[VideoDiT, VideoVAE, DictConfig]:
+                        weights: str = "ema") -> tuple[torch.nn.Module, VideoVAE, DictConfig]:
     """(model on ``device`` in eval mode, the run's VAE on ``device``, run config) of a checkpoint directory.
 
-    ``weights``: ``"ema"`` (what samples and FVD use) or ``"model"`` (the raw weights).
+    The model is the run's family's (:mod:`dit.families`): the class-conditional DiT, or a
+    converted pretrained transformer. ``weights``: ``"ema"`` (what samples and FVD use) or
+    ``"model"`` (the raw weights).
     """
     checkpoint = resolve_checkpoint(checkpoint)
     run_cfg = load_run_config(checkpoint)
-    vae = build_vae(run_cfg.vae, device=device)
-    model = load_dit_for_sampling(checkpoint, run_cfg, TrainingData.of_run(run_cfg).latent_shape(vae), weights)
+    data = TrainingData.of_run(run_cfg)
+    vae = data.build_vae(device)
+    latent_shape = data.latent_shape(vae)
+    model = model_family(run_cfg).load_for_sampling(checkpoint, latent_shape, weights)
     return model.to(device), vae, run_cfg
 
 

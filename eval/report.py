@@ -26,7 +26,6 @@ from configs.entry import entry_point
 from configs.files import atomic_write_text
 from configs.logs import get_logger
 from data.training_data import TrainingData
-from data.vae import build_vae
 from dit.checkpoint import CHECKPOINTS, latest_checkpoint, load_dit_for_sampling
 from eval.metrics import read_metrics
 
@@ -68,8 +67,8 @@ def validation_loss(checkpoint: Path, num_clips: int) -> float:
     """Rectified-flow loss of the EMA weights on the first clips of the run's data (centred clips),
     with noise seeded per clip and flow times fixed to VALIDATION_TIMES."""
     run_cfg = OmegaConf.load(checkpoint / "config.yaml")
-    vae = build_vae(run_cfg.vae)
     data = TrainingData.of_run(run_cfg)
+    vae = data.build_vae()
     model = load_dit_for_sampling(checkpoint, run_cfg, data.latent_shape(vae))
     dataset = data.dataset(centred=True)
     losses = []

@@ -3,6 +3,7 @@
     python -m eval.throughput attention tokens=[1024,4096,16384] dtype=bfloat16   # attention cores vs N
     python -m eval.throughput train model=S sizes=[16,32]                          # DiT training step per variant
     python -m eval.throughput sample model=tiny                                    # sampling latency per video
+    python -m eval.throughput suite budget_s=480 out=<dir>                         # the GPU suite (quick=true: CPU)
 
 The leading word selects ``configs/benchmark/<benchmark>.yaml`` (it is ``benchmark=<name>``),
 which holds that benchmark's keys and defaults. Every result records the command, device,
@@ -20,8 +21,9 @@ from omegaconf import DictConfig
 from configs.entry import entry_point
 from eval.attention_benchmark import run_attention
 from eval.dit_benchmark import run_sample, run_train
+from eval.suite import run_suite
 
-BENCHMARKS = {"attention": run_attention, "train": run_train, "sample": run_sample}
+BENCHMARKS = {"attention": run_attention, "train": run_train, "sample": run_sample, "suite": run_suite}
 
 
 def invoked_command(cfg: DictConfig) -> str:

@@ -1,5 +1,6 @@
 """Running linvid's commands as a user does, from the repository root (a helper module, not a test module)."""
 
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ TINY = [
 ]
 # Generous: only a hung process may take this long; a slow machine never does.
 TIMEOUT_S = 900
+ACCELERATE_CONFIGS = REPO_ROOT / "configs" / "accelerate"
 
 
 def run_command(args, *, env, check=True) -> subprocess.CompletedProcess:
@@ -34,3 +36,27 @@ def run(script, *overrides, env, check=True) -> subprocess.CompletedProcess:
 def train(run_dir, *overrides, env, check=True) -> subprocess.CompletedProcess:
     """``python train.py`` of the TINY run into ``run_dir``."""
     return run("train.py", *TINY, f"hydra.run.dir={run_dir}", *overrides, env=env, check=check)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_clean_exit(result: subprocess.CompletedProcess, what: str) -> None:
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, f"{what} failed (exit {result.returncode}):\n{output}"
+    assert "terminate called" not in result.stderr, f"{what} aborted at exit:\n{output}"
+    assert "Traceback" not in result.stderr, f"{what} printed a traceback:\n{output}"
+
+
+def launch(script, *arguments, env, config="cpu_2proc.yaml", check=True):
+    """`accelerate launch --config_file configs/accelerate/<config> --num_processes 2 <script> <arguments>`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+           "--config_file", str(ACCELERATE_CONFIGS / config), "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(script), *arguments]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if check:
+        assert_clean_exit(result, " ".join(cmd[4:]))
+    return result

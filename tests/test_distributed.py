@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,33 +24,14 @@ from safetensors.torch import load_file
 from dit.checkpoint import CheckpointError, validate_checkpoint
 from dit.train_state import load_checkpoint
 from tests.paths import REPO_ROOT
-from tests.runs import TIMEOUT_S, TINY
-
-ACCELERATE_CONFIGS = REPO_ROOT / "configs" / "accelerate"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def assert_clean_exit(result: subprocess.CompletedProcess, what: str) -> None:
-    output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    assert result.returncode == 0, f"{what} failed (exit {result.returncode}):\n{output}"
-    assert "terminate called" not in result.stderr, f"{what} aborted at exit:\n{output}"
-    assert "Traceback" not in result.stderr, f"{what} printed a traceback:\n{output}"
-
-
-def launch(script, *arguments, env, config="cpu_2proc.yaml", check=True):
-    """`accelerate launch --config_file configs/accelerate/<config> --num_processes 2 <script> <arguments>`."""
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-           "--config_file", str(ACCELERATE_CONFIGS / config), "--num_processes", "2",
-           "--main_process_port", str(free_port()), str(script), *arguments]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    if check:
-        assert_clean_exit(result, " ".join(cmd[4:]))
-    return result
+from tests.runs import (
+    ACCELERATE_CONFIGS,
+    TIMEOUT_S,
+    TINY,
+    assert_clean_exit,
+    free_port,
+    launch,
+)
 
 
 def launch_train(run_dir, *overrides, env, script="train.py", **kwargs):

@@ -7,10 +7,16 @@ import torch
 from omegaconf import OmegaConf
 
 from attention import apply_rope, constrain_, rope_tables
-from dit.flow import draw_noise_and_time, euler_sample, rectified_flow_loss, sample_flow_time, shift_time
+from dit.flow import (
+    draw_noise_and_time,
+    euler_sample,
+    rectified_flow_loss,
+    sample_flow_time,
+    shift_time,
+)
 from dit.model import VideoDiT, build_dit
-from tests.paths import CONFIG_DIR
 from dit.sampling import generate_videos, videos_to_uint8
+from tests.paths import CONFIG_DIR
 
 VARIANTS = [
     {"name": "softmax"},
