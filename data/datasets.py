@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,28 +173,35 @@ def _check_labels(candidates: list[_Candidate], num_classes: int, classes: list[
 # --------------------------------------------------------------------------- tensors
 
 
-def resize_video(video: torch.Tensor, resolution: int, resize_mode: str) -> torch.Tensor:
-    """Resize float frames (T, C, H, W) to (T, C, resolution, resolution).
+def frame_size(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of clips from ``data.resolution``: one size (square) or [height, width]."""
+    if isinstance(resolution, (int, np.integer)) and not isinstance(resolution, bool):
+        return int(resolution), int(resolution)
+    return int(resolution[0]), int(resolution[1])
 
-    ``crop``: scale so the short side is ``resolution``, then take the centre square.
-    ``full``: scale the whole frame to a square (aspect ratio not kept).
+
+def resize_video(video: torch.Tensor, resolution: int | Sequence[int], resize_mode: str) -> torch.Tensor:
+    """Resize float frames (T, C, H, W) to (T, C, height, width) of ``resolution`` (:func:`frame_size`).
+
+    ``crop``: scale (keeping the aspect ratio) so the frame just covers the target, then take
+    the centre; ``full``: scale the whole frame to the target (aspect ratio not kept).
     Bilinear with antialiasing; frames already at the target size are left untouched.
     """
     height, width = video.shape[-2:]
+    target_h, target_w = frame_size(resolution)
     if resize_mode == "full":
-        size = (resolution, resolution)
-    elif height <= width:
-        size = (resolution, max(resolution, round(width * resolution / height)))
+        size = (target_h, target_w)
     else:
-        size = (max(resolution, round(height * resolution / width)), resolution)
+        scale = max(target_h / height, target_w / width)
+        size = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
     if (height, width) != size:
         video = F.interpolate(video, size=size, mode="bilinear", align_corners=False, antialias=True)
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return video[..., top : top + resolution, left : left + resolution]
+    top, left = (size[0] - target_h) // 2, (size[1] - target_w) // 2
+    return video[..., top : top + target_h, left : left + target_w]
 
 
-def frames_to_tensor(frames: np.ndarray, resolution: int, resize_mode: str) -> torch.Tensor:
-    """uint8 RGB frames (T, H, W, 3) -> float32 (3, T, resolution, resolution) in [-1, 1]."""
+def frames_to_tensor(frames: np.ndarray, resolution: int | Sequence[int], resize_mode: str) -> torch.Tensor:
+    """uint8 RGB frames (T, H, W, 3) -> float32 (3, T, height, width) in [-1, 1] (``resolution``: see resize_video)."""
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W), 0..255
     video = resize_video(video, resolution, resize_mode)
     video = (video / 127.5 - 1.0).clamp_(-1.0, 1.0)
@@ -423,9 +430,13 @@ def _check_options(
 ) -> None:
     """Validate VideoClipDataset options; ValueError names the option and the valid values."""
     for name, value, minimum in [("num_classes", num_classes, 0), ("num_frames", num_frames, 1),
-                                 ("frame_stride", frame_stride, 1), ("resolution", resolution, 1),
-                                 ("seed", seed, 0)]:
+                                 ("frame_stride", frame_stride, 1), ("seed", seed, 0)]:
         _require_int(name, value, minimum)
+    if isinstance(resolution, (int, np.integer, bool)):
+        _require_int("resolution", resolution, 1)
+    elif not (isinstance(resolution, (list, tuple)) and len(resolution) == 2
+              and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in resolution)):
+        raise ValueError(f"resolution must be a positive integer (square clips) or [height, width], got {resolution!r}")
     if target_fps is not None:
         _require_positive("target_fps", target_fps)
     if resize_mode not in RESIZE_MODES:
@@ -479,10 +490,15 @@ def build_video_dataset(data_cfg: Mapping, *, seed: int) -> VideoClipDataset:
     """
     name = _checked_config(data_cfg)
     options = {key: data_cfg[key] for key in _CLIP_KEYS}
+    if not isinstance(options["resolution"], (int, bool)):  # [height, width] as a plain tuple
+        options["resolution"] = tuple(options["resolution"])
     options["seed"] = seed
     _check_options(**options)
     root = config_path(data_cfg, "root")
     if name == "demo":
+        if not isinstance(options["resolution"], int):
+            raise ValueError(f"data=demo draws square clips: data.resolution must be one integer, "
+                             f"got {list(options['resolution'])}")
         _require_int("num_videos", data_cfg.get("num_videos"), 1)
         _require_positive("fps", data_cfg.get("fps"))
         manifest = ensure_demo_videos(

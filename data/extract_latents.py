@@ -35,7 +35,7 @@ from configs.files import atomic_output_path, atomic_write_text, is_temporary
 from configs.logs import get_logger, progress
 from configs.processes import end_processes, process_state
 from configs.schema import config_path
-from data.datasets import CONFIG_KEYS, VideoClipDataset, build_video_dataset
+from data.datasets import CONFIG_KEYS, VideoClipDataset, build_video_dataset, frame_size
 from data.latents import (
     EMPTY_CAPTION_NAME,
     FORMAT,
@@ -208,10 +208,10 @@ def extract(cfg: DictConfig) -> dict:
             f"data={' or data='.join(CONFIG_KEYS)}"
         )
     vae: VideoVAE = build_vae(cfg.vae, device=state.device)
-    num_frames, resolution = cfg.data.get("num_frames"), cfg.data.get("resolution")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (num_frames, resolution)):
-        raise ExtractionError(f"data.num_frames and data.resolution must be integers, got {num_frames!r}, {resolution!r}")
-    latent_shape = list(vae.latent_shape(num_frames, resolution, resolution))
+    num_frames = cfg.data.get("num_frames")
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool):
+        raise ExtractionError(f"data.num_frames must be an integer, got {num_frames!r}")
+    latent_shape = list(vae.latent_shape(num_frames, *frame_size(cfg.data.get("resolution"))))
     text_path = config_path(cfg.text_encoder, "path")
     text_encoder = None if text_path is None else TextEncoder(text_path, max_length=cfg.text_encoder.max_length,
                                                               device=state.device)

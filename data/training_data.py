@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data.datasets import VideoClipDataset, build_video_dataset
+from data.datasets import VideoClipDataset, build_video_dataset, frame_size
 from data.latents import LatentDataset, latent_root, read_manifest
 from data.vae import VideoVAE, build_vae
 
@@ -92,8 +92,7 @@ class TrainingData:
         """
         if self.is_latents:
             return tuple(int(n) for n in read_manifest(latent_root(self.data_cfg))["latent_shape"])
-        cfg = self.data_cfg
-        return tuple(vae.latent_shape(cfg["num_frames"], cfg["resolution"], cfg["resolution"]))
+        return tuple(vae.latent_shape(self.data_cfg["num_frames"], *frame_size(self.data_cfg["resolution"])))
 
     # ------------------------------------------------------------------ the data itself
 

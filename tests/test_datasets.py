@@ -248,6 +248,19 @@ def test_resize_video_exact_shapes():
     assert resize_video(tall, 10, "crop").shape == (2, 3, 10, 10)
     assert resize_video(tall, 30, "full").shape == (2, 3, 30, 30)
     assert torch.equal(resize_video(tall[..., :20, :], 20, "crop"), tall[..., :20, :])
+    # [height, width]: a wide target from a tall source covers it and crops the middle rows
+    assert resize_video(tall, (6, 12), "crop").shape == (2, 3, 6, 12)
+    assert resize_video(tall, (6, 12), "full").shape == (2, 3, 6, 12)
+    assert torch.equal(resize_video(tall, (20, 20), "crop"), tall[..., 10:30, :])
+
+
+def test_non_square_clips_from_height_and_width(tmp_path):
+    _good_video(tmp_path / "a.mp4")
+    dataset = VideoClipDataset(tmp_path, num_frames=4, resolution=(16, 24), random_start=False)
+    assert dataset[0]["video"].shape == (3, 4, 16, 24)
+    for bad in ((16,), (16, 0), "16", (16, 24, 3), (16.0, 24)):
+        with pytest.raises(ValueError, match="resolution must be a positive integer .* or \\[height, width\\]"):
+            VideoClipDataset(tmp_path, num_frames=4, resolution=bad)
 
 
 def test_odd_sized_sources_and_dataloader_workers(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from configs.logs import get_logger
-from data.datasets import list_video_files
+from data.datasets import frame_size, list_video_files
 from data.latents import (
     MANIFEST_NAME,
     LatentDataset,
@@ -176,9 +176,9 @@ def training_clip_source(run_cfg: Any, vae: Any, num_frames: int) -> ClipSource:
     settings.pop("num_workers", None)
     files = [(str(e.path), e.path.stat().st_size, e.path.stat().st_mtime_ns) for e in dataset.entries]
     key = {"kind": "training split", "data": settings, "files": files, "order": "permutation(seed 0)"}
-    res = settings.get("resolution")
+    height, width = frame_size(settings["resolution"])
     description = (f"training split: {data.describe(dataset)}, one centred clip each as the run sees it "
-                   f"({res}x{res}, resize_mode={settings.get('resize_mode', 'crop')}), first {num_frames} frames")
+                   f"({height}x{width}, resize_mode={settings.get('resize_mode', 'crop')}), first {num_frames} frames")
     return ClipSource(len(dataset), load, key, description)
 
 
