@@ -256,6 +256,11 @@ CONFIG_SCHEMAS: dict[str, dict[str, dict[str, Rule]]] = {
     },
     "fvd": {"": FVD_SCHEMA},
     "report": {"": {"runs": one_or_list_of(text), "out": optional(text), "val_clips": non_negative_int}},
+    "diagnostics": {"": {
+        "checkpoint": text, "weights": one_of("ema", "model"), "num_clips": positive_int,
+        "times": list_of(unit_interval), "seed": non_negative_int, "rank_tolerance": positive,
+        "max_tokens": positive_int, "out": optional(text),
+    }},
 }
 BUILDER_GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("attention", "data", "vae"),

@@ -27,6 +27,7 @@ from configs.files import atomic_write_text
 from configs.logs import get_logger
 from data.training_data import TrainingData
 from dit.checkpoint import CHECKPOINTS, latest_checkpoint, load_dit_for_sampling
+from eval.diagnostics import plot_layers, read_diagnostics
 from eval.metrics import read_metrics
 
 matplotlib.use("Agg")
@@ -106,7 +107,7 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
         "model": cfg.model.name,
         "steps": json.loads((checkpoint / "trainer_state.json").read_text())["step"],
         "final_loss": final_loss(records),
-        "val_loss": validation_loss(checkpoint, val_clips) if val_clips else float("nan"),
+        "val_loss": validation_loss(checkpoint, val_clips) if val_clips and cfg.model.family == "dit" else float("nan"),
         "fvd": fvd_result(run_dir),
         "tokens_per_s": mean_of_last_half(records, "tokens_per_s"),
         "samples_per_s": mean_of_last_half(records, "samples_per_s"),
@@ -115,6 +116,7 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
         "tokens_per_sample": summary.get("tokens_per_sample"),
         "forward_gflops": summary.get("forward_flops_per_sample", float("nan")) / 1e9,
         "curve": [(r["step"], r["loss"]) for r in records if "loss" in r],
+        "diagnostics": read_diagnostics(run_dir),
     }
 
 
@@ -129,6 +131,22 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['val_loss']:.4f} | {r['fvd']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
             f"{r['peak_memory_gb']:.2f} | {params} | {r['tokens_per_sample']} | {r['forward_gflops']:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def diagnostics_table(rows: list[dict]) -> str | None:
+    """Rank, entropy and distance to softmax of the runs whose diagnostics were computed (eval.diagnostics)."""
+    measured = [r for r in rows if r["diagnostics"]]
+    if not measured:
+        return None
+    lines = ["| run | attention | rank (of N) | effective rank | row entropy (of log N) | distance to softmax |",
+             "|---|---|---|---|---|---|"]
+    for r in measured:
+        d = r["diagnostics"]
+        overall = d["overall"]
+        distance = "—" if overall["distance_to_softmax"] is None else f"{overall['distance_to_softmax']:.3f}"
+        lines.append(f"| {r['run']} | {r['attention']} | {overall['rank']:.1f} ({d['max_rank']}) | "
+                     f"{overall['effective_rank']:.1f} | {overall['entropy']:.3f} ({d['max_entropy']:.3f}) | {distance} |")
     return "\n".join(lines)
 
 
@@ -156,7 +174,11 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(speed_png, dpi=120)
     plt.close(fig)
-    return [loss_png, speed_png]
+    plots = [loss_png, speed_png]
+    diagnosed = {r["run"]: r["diagnostics"] for r in rows if r["diagnostics"]}
+    if diagnosed:
+        plots.append(plot_layers(diagnosed, out / "attention_rank_entropy.png"))
+    return plots
 
 
 def run(cfg: DictConfig) -> Path:
@@ -170,6 +192,7 @@ def run(cfg: DictConfig) -> Path:
         "# Run comparison",
         f"Runs: {', '.join(r['path'] for r in rows)}",
         markdown_table(rows),
+        *filter(None, [diagnostics_table(rows)]),
         f"Final loss: mean training loss over the last 10 % of logged steps. Validation loss: EMA weights on the "
         f"first {cfg.val_clips} clips of each run's data, per-clip seeded noise, flow times {list(VALIDATION_TIMES)}. "
         f"Throughput: mean over the second half of logged steps, per run as logged (global batch).",
