@@ -236,6 +236,7 @@ def main(cfg: DictConfig) -> None:
     timer, timed_steps, losses = time.perf_counter(), 0, []
     for step in range(state.step, cfg.train.max_steps):
         # One optimizer step: grad_accum_steps micro-batches, each rank its own slice of the global batch.
+        step_started = time.perf_counter()
         model.train()
         step_losses, block_losses = [], {}
         for micro in range(cfg.train.grad_accum_steps):
@@ -277,6 +278,7 @@ def main(cfg: DictConfig) -> None:
             state.consecutive_nonfinite += 1
         optimizer.zero_grad(set_to_none=True)
         state.step, state.samples_seen = step + 1, state.samples_seen + samples_per_step
+        state.train_seconds += time.perf_counter() - step_started
         if state.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{state.consecutive_nonfinite} consecutive non-finite losses/gradients at step {state.step}; "
@@ -297,6 +299,7 @@ def main(cfg: DictConfig) -> None:
         if state.step % cfg.train.log_every == 0 or last:
             record = {"loss": float(np.mean(losses)) if losses else float("nan"), "lr": scheduler.get_last_lr()[0],
                       "skipped_steps": state.skipped_steps, "samples_seen": state.samples_seen,
+                      "train_seconds": state.train_seconds,
                       "peak_memory_gb": peak_memory_gb(accelerator.device), **rates}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)

@@ -48,6 +48,7 @@ class TrainState:
     samples_seen: int = 0  # global data position, in samples
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
     consecutive_nonfinite: int = 0
+    train_seconds: float = 0.0  # wall-clock time spent in training steps (not checkpoints or videos), all runs
 
 
 def check_resume_compatible(cfg: DictConfig, checkpoint: Path) -> None:

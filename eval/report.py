@@ -58,6 +58,13 @@ def final_loss(records: list[dict]) -> float:
     return float(np.mean(tail)) if tail else float("nan")
 
 
+def loss_at_time(records: list[dict], seconds: float) -> float:
+    """Mean training loss over the logged steps in the last 10 % of the first ``seconds`` of training time."""
+    window = [r["loss"] for r in records
+              if "train_seconds" in r and 0.9 * seconds <= r["train_seconds"] <= seconds and np.isfinite(r["loss"])]
+    return float(np.mean(window)) if window else float("nan")
+
+
 def mean_of_last_half(records: list[dict], key: str) -> float:
     values = [r[key] for r in records if key in r]
     return float(np.mean(values[len(values) // 2:])) if values else float("nan")
@@ -105,6 +112,7 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
         "path": str(run_dir),
         "attention": cfg.attention.name,
         "model": cfg.model.name,
+        "seed": cfg.seed,
         "steps": json.loads((checkpoint / "trainer_state.json").read_text())["step"],
         "final_loss": final_loss(records),
         "val_loss": validation_loss(checkpoint, val_clips) if val_clips and cfg.model.family == "dit" else float("nan"),
@@ -116,21 +124,43 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
         "tokens_per_sample": summary.get("tokens_per_sample"),
         "forward_gflops": summary.get("forward_flops_per_sample", float("nan")) / 1e9,
         "curve": [(r["step"], r["loss"]) for r in records if "loss" in r],
+        "train_seconds": max((r.get("train_seconds", 0.0) for r in records), default=0.0),
+        "records": records,
         "diagnostics": read_diagnostics(run_dir),
     }
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ("| run | attention | model | steps | final loss | val loss | FVD | tokens/s | samples/s | "
-              "peak mem (GB) | params (M) | tokens/sample | fwd GFLOPs/sample |")
-    lines = [header, "|" + "---|" * 13]
+    header = ("| run | attention | model | steps | final loss | loss at equal time | val loss | FVD | tokens/s | "
+              "samples/s | peak mem (GB) | params (M) | tokens/sample | fwd GFLOPs/sample |")
+    lines = [header, "|" + "---|" * 14]
     for r in rows:
         params = f"{r['parameters'] / 1e6:.2f}" if r["parameters"] else "—"
         lines.append(
             f"| {r['run']} | {r['attention']} | {r['model']} | {r['steps']} | {r['final_loss']:.4f} | "
-            f"{r['val_loss']:.4f} | {r['fvd']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
+            f"{r['loss_at_equal_time']:.4f} | {r['val_loss']:.4f} | {r['fvd']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
             f"{r['peak_memory_gb']:.2f} | {params} | {r['tokens_per_sample']} | {r['forward_gflops']:.3f} |"
         )
+    return "\n".join(lines)
+
+
+SPREAD_KEYS = ("final_loss", "loss_at_equal_time", "val_loss")
+
+
+def seed_spread_table(rows: list[dict]) -> str | None:
+    """For settings run with several seeds: the spread (max − min) of each quality number, to tell signal from noise."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["attention"], r["model"], r["steps"]), []).append(r)
+    repeated = {key: group for key, group in groups.items() if len(group) > 1}
+    if not repeated:
+        return None
+    lines = ["| attention | model | runs (seeds) | " + " | ".join(f"{k} spread" for k in SPREAD_KEYS) + " |",
+             "|---|---|---|" + "---|" * len(SPREAD_KEYS)]
+    for (attention, model, _), group in repeated.items():
+        spreads = [max(r[k] for r in group) - min(r[k] for r in group) for k in SPREAD_KEYS]
+        seeds = ", ".join(f"{r['run']} ({r['seed']})" for r in group)
+        lines.append(f"| {attention} | {model} | {seeds} | " + " | ".join(f"{v:.4f}" for v in spreads) + " |")
     return "\n".join(lines)
 
 
@@ -187,13 +217,18 @@ def run(cfg: DictConfig) -> Path:
     out = Path(cfg.out) if cfg.out else paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = [summarise(run_dir, cfg.val_clips) for run_dir in find_runs(paths)]
+    equal_time = min((r["train_seconds"] for r in rows), default=0.0)  # the shortest run's training-step time
+    for r in rows:
+        r["loss_at_equal_time"] = loss_at_time(r.pop("records"), equal_time)
     plots = plot(rows, out)
     text = "\n\n".join([
         "# Run comparison",
         f"Runs: {', '.join(r['path'] for r in rows)}",
         markdown_table(rows),
-        *filter(None, [diagnostics_table(rows)]),
-        f"Final loss: mean training loss over the last 10 % of logged steps. Validation loss: EMA weights on the "
+        *filter(None, [seed_spread_table(rows), diagnostics_table(rows)]),
+        f"Final loss: mean training loss over the last 10 % of logged steps. Loss at equal time: the same over "
+        f"the last 10 % of the first {equal_time:.0f} s of training-step time (the shortest run's). "
+        f"Validation loss: EMA weights on the "
         f"first {cfg.val_clips} clips of each run's data, per-clip seeded noise, flow times {list(VALIDATION_TIMES)}. "
         f"Throughput: mean over the second half of logged steps, per run as logged (global batch).",
         *[f"![{p.stem}]({p.name})" for p in plots],
