@@ -68,14 +68,14 @@ def mhla_auto_layout(grid: Grid) -> Grid:
     return max(candidates, key=preference)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _axis_segments(size: int, blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Along one axis of ``size`` tokens cut into ``blocks``: (start, length) of every block.
 
     Coordinate x lies in block x·blocks // size, so block b starts at ⌈b·size / blocks⌉.
     """
     starts = tuple(-(-b * size // blocks) for b in range(blocks + 1))
-    return starts[:-1], tuple(end - start for start, end in zip(starts[:-1], starts[1:]))
+    return starts[:-1], tuple(end - start for start, end in itertools.pairwise(starts))
 
 
 def mhla_block_index(grid: Grid, layout: Grid) -> Tensor:
@@ -130,7 +130,7 @@ def mhla_grid_plan(grid: Grid, layout: Grid, device: torch.device | None = None)
     return _grid_plan(tuple(grid), tuple(layout), device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid_plan(grid: Grid, layout: Grid, device: torch.device | None) -> BlockPlan:
     grid, layout = check_grid(grid), check_grid(layout, "MHLA layout")
     num_blocks = math.prod(layout)

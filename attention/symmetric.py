@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def symmetric_monomials(width: int, order: int) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
     """The monomials a₁ ≤ … ≤ a_p of ``order`` p over ``width`` w variables, and their multinomials.
 
@@ -55,7 +55,7 @@ def symmetric_multinomials(width: int, order: int, device: torch.device | None =
     return _multinomial_tensor(width, order, device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multinomial_tensor(width: int, order: int, device: torch.device | None) -> Tensor:
     return torch.tensor(symmetric_monomials(width, order)[1], dtype=torch.float64, device=device)
 

@@ -368,7 +368,7 @@ def test_layer_reference_equivalence_in_float64():
 def test_hla_core_inputs_are_the_tied_taylor_factors():
     core = HLACore(16, 1, order=2, rank=4)
     q, k = torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16)
-    q_factor, k_factor = core.core_inputs(q, k, (1, 2, 3))
+    q_factor, _ = core.core_inputs(q, k, (1, 2, 3))
     assert q_factor.shape == (1, 1, 6, 5)
     assert torch.equal(q_factor[..., 0], torch.ones(1, 1, 6))
     assert torch.allclose(q_factor[..., 1:], core.down(q) / math.sqrt(2 * 4.0))
