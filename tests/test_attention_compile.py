@@ -121,5 +121,5 @@ def test_graph_break_makes_fullgraph_fail():
             return out * 2 if bool(out.sum() > 0) else out
 
     x = torch.randn(1, math.prod(GRID), DIM)
-    with pytest.raises(torch._dynamo.exc.Unsupported):
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
         torch.compile(HostRead(), fullgraph=True, backend="aot_eager")(x, GRID, rope_tables(DIM // HEADS, GRID))
