@@ -205,7 +205,11 @@ def _kronecker_features(factors: Sequence[Tensor]) -> Tensor:
 
 
 def _hla_state_form(
-    features: Callable[[Sequence[Tensor]], Tensor], qf: Sequence[Tensor], kf: Sequence[Tensor], values: Tensor, chunk: int
+    features: Callable[[Sequence[Tensor]], Tensor],
+    qf: Sequence[Tensor],
+    kf: Sequence[Tensor],
+    values: Tensor,
+    chunk: int,
 ) -> Tensor:
     """State form: T = features(K)ᵀ [v, 1] of shape (B, H, R, C), then features(Q) T."""
     p = len(kf)

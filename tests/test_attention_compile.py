@@ -29,7 +29,9 @@ SETTINGS = {
     "hla-untied-p1": {"name": "hla", "order": 1, "factors": "untied", "rank": 4},
     "hla-untied-p2-unnormalized": {"name": "hla", "order": 2, "factors": "untied", "rank": 4, "normalize": False},
     "hla-untied-p3": {"name": "hla", "order": 3, "factors": "untied", "rank": 3, "activation": "softplus"},
-    "hla-untied-p4-value-modulation": {"name": "hla", "order": 4, "factors": "untied", "rank": 2, "form": "value_modulation"},
+    "hla-untied-p4-value-modulation": {
+        "name": "hla", "order": 4, "factors": "untied", "rank": 2, "form": "value_modulation",
+    },
     "mhla": {"name": "mhla", "layout": [1, 3, 2]},
     "mhla-normalized-gated": {"name": "mhla", "layout": [2, 1, 2], "normalize": True, "gate": True},
     "mhla-uneven": {"name": "mhla", "layout": [2, 2, 3]},
