@@ -19,14 +19,7 @@ Parameter constraints (MHLA's mixing in [0, 1]) go through :class:`Constrained` 
 
 from .constraints import Constrained, constrain_, parameter_constraints, unit_interval
 from .cores import AttentionCore, HLACore, LinearCore, MHLACore, SoftmaxCore
-from .functional import (
-    guard_denominator,
-    hla_attention,
-    hla_tied_attention,
-    linear_attention,
-    softmax_attention,
-    symmetric_power_features,
-)
+from .functional import guard_denominator, hla_attention, hla_tied_attention, linear_attention, softmax_attention
 from .layers import QK_NORMS, AttentionLayer
 from .mhla import (
     BlockPlan,
@@ -48,13 +41,8 @@ from .registry import (
     layer_configs,
     variant_settings,
 )
-from .rope import (
-    RotaryTables,
-    apply_rope,
-    rope_axis_dims,
-    rope_tables,
-    rotary_tables_from_wan,
-)
+from .rope import RotaryTables, apply_rope, rope_axis_dims, rope_tables, rotary_tables_from_wan
+from .symmetric import symmetric_monomials, symmetric_power_features
 
 __all__ = [
     "softmax_attention",
@@ -62,6 +50,7 @@ __all__ = [
     "hla_attention",
     "hla_tied_attention",
     "symmetric_power_features",
+    "symmetric_monomials",
     "mhla_attention",
     "mhla_grid_attention",
     "guard_denominator",

@@ -5,8 +5,8 @@ Every function takes per-head tensors laid out (B, H, N, ·) and returns
 tensor; their states and normalisers are accumulated in float32 when the inputs
 are bf16/fp16 (float64 inputs stay float64), with autocast disabled inside.
 Where an intermediate would grow like N·R (HLA's Kronecker or symmetric features)
-the token axis is processed in chunks, and under autograd each chunk is recomputed
-in backward instead of being stored.
+the token axis is processed in chunks, and under autograd each chunk's features are
+recomputed in backward instead of being stored.
 
 The quadratic oracles with identical arguments live in :mod:`attention.reference`.
 
@@ -20,8 +20,6 @@ traces into one graph under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -29,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from .symmetric import tied_state_form
 
 # Largest number of elements an N·R-sized intermediate may hold per chunk, across batch
 # and heads: 2**22 float32 = 16 MiB on CPU (cache-friendly); on accelerators a larger
@@ -204,57 +204,12 @@ def _kronecker_features(factors: Sequence[Tensor]) -> Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def symmetric_monomials(width: int, order: int) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
-    """The monomials a₁ ≤ … ≤ a_p of ``order`` p over ``width`` w variables, and their multinomials.
-
-    Returns (index tuples in lexicographic order, multinomial coefficients p! / ∏ c_i! with
-    c_i the count of variable i); there are C(w + p − 1, p) of them.
-    """
-    index = tuple(itertools.combinations_with_replacement(range(width), order))
-    multinomial = []
-    for monomial in index:
-        coefficient = math.factorial(order)
-        for variable in set(monomial):
-            coefficient //= math.factorial(monomial.count(variable))
-        multinomial.append(coefficient)
-    return index, tuple(multinomial)
-
-
-@torch.compiler.assume_constant_result
-def symmetric_monomial_tensors(width: int, order: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`symmetric_monomials` as tensors: index (p, F) long and multinomials (F,) long.
-
-    Cached per (width, order, device); under ``torch.compile`` it runs at trace time and its
-    result is a constant of the graph.
-    """
-    return _monomial_tensors(width, order, device)
-
-
-@functools.lru_cache(maxsize=None)
-def _monomial_tensors(width: int, order: int, device: torch.device | None) -> tuple[Tensor, Tensor]:
-    index, multinomial = symmetric_monomials(width, order)
-    return torch.tensor(index, device=device).T.contiguous(), torch.tensor(multinomial, device=device)
-
-
-def symmetric_power_features(x: Tensor, order: int, monomials: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Symmetric tensor-power features: (..., n, w) -> (..., n, F), F = C(w + p − 1, p).
-
-    f(x)_a = √(multinomial(a)) · x_{a₁}⋯x_{a_p} over the monomials a₁ ≤ … ≤ a_p, so that
-    f(x)·f(y) = (x·y)^p exactly — the inner product of the p-fold Kronecker features
-    (dimension w^p) with the repeated monomials merged: 153 instead of 289 features at
-    p = 2, w = 17; 969 instead of 4,913 at p = 3. ``monomials`` = (index (p, F), multinomials
-    (F,)) from :func:`symmetric_monomial_tensors` (looked up when not given).
-    """
-    index, multinomial = monomials if monomials is not None else symmetric_monomial_tensors(x.shape[-1], order, x.device)
-    out = x.index_select(-1, index[0]) * multinomial.to(x.dtype).sqrt()
-    for m in range(1, order):
-        out = out * x.index_select(-1, index[m])
-    return out
-
-
 def _hla_state_form(
-    features: Callable[[Sequence[Tensor]], Tensor], qf: Sequence[Tensor], kf: Sequence[Tensor], values: Tensor, chunk: int
+    features: Callable[[Sequence[Tensor]], Tensor],
+    qf: Sequence[Tensor],
+    kf: Sequence[Tensor],
+    values: Tensor,
+    chunk: int,
 ) -> Tensor:
     """State form: T = features(K)ᵀ [v, 1] of shape (B, H, R, C), then features(Q) T."""
     p = len(kf)
@@ -360,8 +315,9 @@ def hla_tied_attention(
 
     q_factor, k_factor: (B, H, N, w); v: (B, H, N, d_v) -> (B, H, N, d_v). Equal to
     ``hla_attention([q_factor] * p, [k_factor] * p, v)``. The "symmetric" form runs the
-    state form on :func:`symmetric_power_features` (C(w + p − 1, p) features instead of
-    w^p); "state" and "value_modulation" are :func:`hla_attention`'s Kronecker forms.
+    state form on symmetric tensor-power features (C(w + p − 1, p) features instead of
+    w^p, :mod:`attention.symmetric`; it has no double backward); "state" and
+    "value_modulation" are :func:`hla_attention`'s Kronecker forms.
     """
     if form not in HLA_TIED_FORMS:
         raise ValueError(f"hla_tied_attention: unknown form {form!r}; valid forms: {HLA_TIED_FORMS}")
@@ -379,13 +335,8 @@ def hla_tied_attention(
     num_features = math.comb(q_factor.shape[-1] + order - 1, order)
     chunk = _chunk_length(num_tokens, batch * heads * num_features, chunk_size, v.device)
 
-    monomials = symmetric_monomial_tensors(q_factor.shape[-1], order, q_factor.device)
-
-    def features(chunk_factors: Sequence[Tensor]) -> Tensor:
-        return symmetric_power_features(chunk_factors[0], order, monomials)
-
     acc = accumulation_dtype(v.dtype)
     with no_autocast(v.device):
         values = _values_with_ones(v.to(acc), normalize)
-        out = _hla_state_form(features, [q_factor.to(acc)], [k_factor.to(acc)], values, chunk)
+        out = tied_state_form(q_factor.to(acc), k_factor.to(acc), values, order, chunk)
     return _finish(out, normalize, eps, v.dtype)

@@ -74,14 +74,14 @@ def mhla_auto_layout(grid: Grid) -> Grid:
     return max(candidates, key=preference)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _axis_segments(size: int, blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Along one axis of ``size`` tokens cut into ``blocks``: (start, length) of every block.
 
     Coordinate x lies in block x·blocks // size, so block b starts at ⌈b·size / blocks⌉.
     """
     starts = tuple(-(-b * size // blocks) for b in range(blocks + 1))
-    return starts[:-1], tuple(end - start for start, end in zip(starts[:-1], starts[1:]))
+    return starts[:-1], tuple(end - start for start, end in itertools.pairwise(starts))
 
 
 def mhla_block_index(grid: Grid, layout: Grid) -> Tensor:
@@ -136,40 +136,47 @@ def mhla_grid_plan(grid: Grid, layout: Grid, device: torch.device | None = None)
     return _grid_plan(tuple(grid), tuple(layout), device)
 
 
-@functools.lru_cache(maxsize=None)
+def _axis_slots(size: int, blocks: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One axis padded to ``blocks`` segments of the longest segment length L.
+
+    Returns (slot of each coordinate (size,), coordinate of each slot (blocks, L) — 0 for
+    an empty slot —, whether each slot holds a coordinate (blocks, L), L).
+    """
+    starts, sizes = _axis_segments(size, blocks)
+    longest = max(sizes)
+    block = [x * blocks // size for x in range(size)]
+    slot = torch.tensor([b * longest + x - starts[b] for x, b in enumerate(block)])
+    offsets = torch.arange(longest)[None, :]
+    filled = offsets < torch.tensor(sizes)[:, None]
+    coordinate = torch.where(filled, torch.tensor(starts)[:, None] + offsets, 0)
+    return slot, coordinate, filled, longest
+
+
+@functools.cache
 def _grid_plan(grid: Grid, layout: Grid, device: torch.device | None) -> BlockPlan:
     grid, layout = check_grid(grid), check_grid(layout, "MHLA layout")
     num_blocks = math.prod(layout)
     if all(g % m == 0 for g, m in zip(grid, layout)):
         return BlockPlan(num_blocks, math.prod(grid) // num_blocks, windows=(grid, layout))
-    slot_of, token_of, valid = [], [], []
-    lengths = []
-    for size, blocks in zip(grid, layout):
-        starts, sizes = _axis_segments(size, blocks)
-        longest = max(sizes)
-        lengths.append(longest)
-        # slot (block, offset) of each coordinate, and the coordinate of each slot (0 if empty)
-        slot_of.append(torch.tensor([b * longest + x - starts[b] for x in range(size) for b in [x * blocks // size]]))
-        token_of.append(torch.tensor([[starts[b] + j if j < sizes[b] else 0 for j in range(longest)] for b in range(blocks)]))
-        valid.append(torch.tensor([[j < sizes[b] for j in range(longest)] for b in range(blocks)]))
-    (lt, lh, lw), (mt, mh, mw) = lengths, layout
+    (st, ct, ft, lt), (sh, ch, fh, lh), (sw, cw, fw, lw) = [_axis_slots(g, m) for g, m in zip(grid, layout)]
+    mt, mh, mw = layout
     block_size = lt * lh * lw
     # scatter: slot of token (t, h, w) = block(t, h, w)·L + offset(t, h, w)
-    st, sh, sw = slot_of
     block = ((st // lt)[:, None, None] * mh + (sh // lh)[None, :, None]) * mw + (sw // lw)[None, None, :]
     offset = ((st % lt)[:, None, None] * lh + (sh % lh)[None, :, None]) * lw + (sw % lw)[None, None, :]
     scatter = (block * block_size + offset).reshape(-1)
-    # gather: token of slot (bt, bh, bw, jt, jh, jw)
-    tt, th, tw = (t.view(shape) for t, shape in zip(token_of, [(mt, 1, 1, lt, 1, 1), (1, mh, 1, 1, lh, 1), (1, 1, mw, 1, 1, lw)]))
-    gather = ((tt * grid[1] + th) * grid[2] + tw).reshape(-1)
-    vt, vh, vw = (t.view(shape) for t, shape in zip(valid, [(mt, 1, 1, lt, 1, 1), (1, mh, 1, 1, lh, 1), (1, 1, mw, 1, 1, lw)]))
-    filled = (vt & vh & vw).reshape(-1, 1)
+    # gather: token of slot (bt, bh, bw, jt, jh, jw), block-major
+    shapes = [(mt, 1, 1, lt, 1, 1), (1, mh, 1, 1, lh, 1), (1, 1, mw, 1, 1, lw)]
+    ct, ch, cw = [c.view(shape) for c, shape in zip((ct, ch, cw), shapes)]
+    ft, fh, fw = [f.view(shape) for f, shape in zip((ft, fh, fw), shapes)]
+    gather = ((ct * grid[1] + ch) * grid[2] + cw).reshape(-1)
+    complete = math.prod(grid) == num_blocks * block_size
     return BlockPlan(
         num_blocks,
         block_size,
         gather=gather.to(device),
         scatter=scatter.to(device),
-        filled=None if math.prod(grid) == num_blocks * block_size else filled.to(device),
+        filled=None if complete else (ft & fh & fw).reshape(-1, 1).to(device),
     )
 
 
@@ -338,6 +345,8 @@ def mhla_grid_attention(
     """
     check_same_tokens("mhla_grid_attention", q, k, v)
     if math.prod(grid) != q.shape[2]:
-        raise ValueError(f"mhla_grid_attention: grid {tuple(grid)} has {math.prod(grid)} tokens, inputs have {q.shape[2]}")
+        raise ValueError(
+            f"mhla_grid_attention: grid {tuple(grid)} has {math.prod(grid)} tokens, inputs have {q.shape[2]}"
+        )
     plan = mhla_grid_plan(tuple(grid), tuple(layout), q.device)
     return _mhla_core(q, k, v, mixing, plan, normalize, eps, normalizer_q, normalizer_k)

@@ -35,6 +35,14 @@ def _apply_weights(weights: Tensor, v: Tensor, normalize: bool, eps: float, row_
     return out.to(v.dtype)
 
 
+def _row_sums(normalizer_q: Tensor | None, normalizer_k: Tensor | None, scale: Tensor | None = None) -> Tensor | None:
+    """Row sums (B, H, N, 1) of the explicit normaliser weights n_q n_kᵀ (⊙ scale), None without features."""
+    if normalizer_q is None:
+        return None
+    weights = normalizer_q.double() @ normalizer_k.double().transpose(-1, -2)
+    return (weights if scale is None else weights * scale).sum(dim=-1, keepdim=True)
+
+
 def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / sqrt(d)) v with the weights built explicitly."""
     logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -53,10 +61,7 @@ def linear_attention_reference(
 ) -> Tensor:
     """A = q kᵀ (q, k already feature-mapped); o = A v / guard(Â 1), Â from the normaliser features."""
     weights = q.double() @ k.double().transpose(-1, -2)
-    row_sums = None
-    if normalizer_q is not None:
-        row_sums = (normalizer_q.double() @ normalizer_k.double().transpose(-1, -2)).sum(dim=-1, keepdim=True)
-    return _apply_weights(weights, v, normalize, eps, row_sums)
+    return _apply_weights(weights, v, normalize, eps, _row_sums(normalizer_q, normalizer_k))
 
 
 def hla_attention_reference(
@@ -98,11 +103,7 @@ def mhla_attention_reference(
     """
     block_mixing = mixing.double()[block_index][:, block_index]  # (N, N)
     weights = (q.double() @ k.double().transpose(-1, -2)) * block_mixing
-    row_sums = None
-    if normalizer_q is not None:
-        normaliser = (normalizer_q.double() @ normalizer_k.double().transpose(-1, -2)) * block_mixing
-        row_sums = normaliser.sum(dim=-1, keepdim=True)
-    return _apply_weights(weights, v, normalize, eps, row_sums)
+    return _apply_weights(weights, v, normalize, eps, _row_sums(normalizer_q, normalizer_k, block_mixing))
 
 
 def explicit_weights(core, q: Tensor, k: Tensor, grid, rope=None) -> tuple[Tensor, Tensor | None]:

@@ -205,7 +205,7 @@ class VideoDiT(nn.Module):
             )
         return tuple(int(s) // p for s, p in zip(x.shape[2:], self.patch_size))
 
-    def rope(self, grid: Grid, device: torch.device) -> RotaryTables:
+    def rotary_tables(self, grid: Grid, device: torch.device) -> RotaryTables:
         """float32 RoPE tables of a token grid, cached per (grid, device) in a plain dict."""
         key = (grid, torch.device(device))
         if key not in self._rope_cache:
@@ -233,7 +233,7 @@ class VideoDiT(nn.Module):
             (B, C, T, H, W) in x's dtype.
         """
         grid = self.token_grid(x)
-        rope = self.rope(grid, x.device)
+        rope = self.rotary_tables(grid, x.device)
         tokens = self.x_embedder(x)
         c = self.t_embedder(t)
         if self.y_embedder is not None:

@@ -29,7 +29,9 @@ SETTINGS = {
     "hla-untied-p1": {"name": "hla", "order": 1, "factors": "untied", "rank": 4},
     "hla-untied-p2-unnormalized": {"name": "hla", "order": 2, "factors": "untied", "rank": 4, "normalize": False},
     "hla-untied-p3": {"name": "hla", "order": 3, "factors": "untied", "rank": 3, "activation": "softplus"},
-    "hla-untied-p4-value-modulation": {"name": "hla", "order": 4, "factors": "untied", "rank": 2, "form": "value_modulation"},
+    "hla-untied-p4-value-modulation": {
+        "name": "hla", "order": 4, "factors": "untied", "rank": 2, "form": "value_modulation",
+    },
     "mhla": {"name": "mhla", "layout": [1, 3, 2]},
     "mhla-normalized-gated": {"name": "mhla", "layout": [2, 1, 2], "normalize": True, "gate": True},
     "mhla-uneven": {"name": "mhla", "layout": [2, 2, 3]},
@@ -121,5 +123,5 @@ def test_graph_break_makes_fullgraph_fail():
             return out * 2 if bool(out.sum() > 0) else out
 
     x = torch.randn(1, math.prod(GRID), DIM)
-    with pytest.raises(Exception):
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
         torch.compile(HostRead(), fullgraph=True, backend="aot_eager")(x, GRID, rope_tables(DIM // HEADS, GRID))

@@ -290,10 +290,25 @@ def test_mhla_gradcheck(grid, layout, normalize):
     assert torch.autograd.gradcheck(fn, (q, k, v, mixing))
 
 
-def test_hla_symmetric_gradcheck():
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_hla_symmetric_gradcheck(order, normalize):
+    """The symmetric form's hand-written backward, chunked (2 tokens per chunk)."""
     q, k = positive(1, 2, 5, 3).requires_grad_(), positive(1, 2, 5, 3, seed=1).requires_grad_()
     v = normal(1, 2, 5, 2, seed=2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b, c: hla_tied_attention(a, b, c, 2, chunk_size=2), (q, k, v))
+
+    def fn(a, b, c):
+        return hla_tied_attention(a, b, c, order, normalize=normalize, chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    # only some inputs needing gradients
+    assert torch.autograd.gradcheck(lambda b: fn(q.detach(), b, v.detach()), (k,))
+    assert torch.autograd.gradcheck(lambda c: fn(q.detach(), k.detach(), c), (v,))
+
+
+def test_symmetric_power_features_gradcheck():
+    x = normal(2, 3, 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: symmetric_power_features(t, 3), (x,))
 
 
 def test_linear_gradcheck():

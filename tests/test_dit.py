@@ -171,7 +171,8 @@ def test_build_dit_passes_qk_norm_and_refuses_bad_values():
     model = build_dit({**model_cfg, "qk_norm": "across_heads"}, {"name": "linear"}, **kwargs)
     assert all(block.attn.q_norm.weight.shape == (96,) for block in model.blocks)
     assert build_dit(model_cfg, {"name": "linear"}, **kwargs).blocks[0].attn.q_norm.weight.shape == (24,)
-    with pytest.raises(ValueError, match=r"model.qk_norm='global' is not valid; choose one of \['per_head', 'across_heads'\]"):
+    message = r"model.qk_norm='global' is not valid; choose one of \['per_head', 'across_heads'\]"
+    with pytest.raises(ValueError, match=message):
         build_dit({**model_cfg, "qk_norm": "global"}, {"name": "linear"}, **kwargs)
     with pytest.raises(ValueError, match="model.qk_norm is missing"):
         build_dit({k: v for k, v in model_cfg.items() if k != "qk_norm"}, {"name": "linear"}, **kwargs)
