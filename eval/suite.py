@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from attention import VARIANTS
 from configs.entry import compose_config
 from configs.files import atomic_write_text
 from configs.logs import get_logger
@@ -52,8 +53,8 @@ logger = get_logger(__name__)
 
 SECTIONS = ("attention", "train", "sample")
 BUDGET_SHARES = {"attention": 0.35, "train": 0.45, "sample": 0.15}  # the rest: start-up and the report
-CORE_VARIANTS = ("softmax", "linear", "hla", "mhla")
-DIT_VARIANTS = ("softmax", "linear", "hla", "mhla", "hybrid")
+CORE_VARIANTS = VARIANTS  # the attention registry's cores
+DIT_VARIANTS = (*VARIANTS, "hybrid")  # configs/attention: the cores and the hybrid pattern
 # Goals the report checks (a benchmark, not a test).
 GOALS = {"core_speedup_32k": {"mhla": 20.0, "hla": 5.0}, "dit_b_long_mhla_over_softmax": 3.0,
          "softmax_mfu_4k": 0.40}
