@@ -124,7 +124,8 @@ def measure_sample_point(spec: dict) -> dict:
     device = resolve_device(spec["device"])
     model, cfg, latent_shape = build_model(spec, device)
     model.eval()
-    vae = TrainingData.of_run(cfg).build_vae(device)
+    training_data = TrainingData.of_run(cfg)
+    vae = training_data.build_vae(device)
     noise = torch.randn(1, *latent_shape, device=device)
     dtype = DTYPES[spec["dtype"]]
     timings = {}
@@ -141,7 +142,7 @@ def measure_sample_point(spec: dict) -> dict:
     vae_time = time_calls(decode, device, warmup=1, repeats=spec["repeats"])
     return {
         **spec,
-        "vae": cfg.vae.name,
+        "vae": training_data.vae_config()["name"],
         "tokens_per_sample": model.num_tokens,
         "dit_s": dit["median_s"],
         "dit_per_step_s": dit["median_s"] / spec["steps"],

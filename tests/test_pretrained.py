@@ -40,7 +40,7 @@ from dit.pretrained import (
     record_grid,
 )
 from tests.paths import REPO_ROOT
-from tests.runs import TIMEOUT_S, launch, run, run_command
+from tests.runs import TIMEOUT_S, TINY, launch, run, run_command
 from tests.wan_fixtures import (
     CAPTIONS,
     save_captioned_videos,
@@ -287,12 +287,23 @@ def test_wan_runs_refuse_what_they_cannot_do(workflow, env, tmp_path):
     failed = wan_train(tmp_path / "x", workflow, f"model.path={workflow['pipeline']}", "train.max_steps=1", env=env,
                        check=False)
     assert failed.returncode != 0 and "model.path=" in failed.stderr and "transformer/ subfolder" in failed.stderr
-    no_prompts = run("sample.py", "checkpoint=nowhere", env=env, check=False)
-    assert no_prompts.returncode != 0
     with pytest.raises(Exception, match="model.path is not set"):
         compose_config("train", ["model=wan"])
-    demo = run("train.py", "train.stage=transfer", f"hydra.run.dir={tmp_path / 'demo'}", env=env, check=False)
-    assert demo.returncode != 0 and "train.stage='transfer' needs a converted pretrained model" in demo.stderr
+    run_dir = tmp_path / "wan"
+    wan_train(run_dir, workflow, "train.max_steps=1", "train.num_val_samples=0", env=env)
+    no_prompts = run("sample.py", f"checkpoint={run_dir}", env=env, check=False)
+    assert no_prompts.returncode != 0 and "generates videos from text: pass prompts=" in no_prompts.stderr
+    fvd = wan_train(tmp_path / "fvd", workflow, "train.max_steps=1", "train.fvd_every=1", env=env, check=False)
+    assert fvd.returncode != 0 and "train.fvd_every needs class-conditional samples" in fvd.stderr
+    classes = wan_train(tmp_path / "classes", workflow, "train.max_steps=1", "data.num_classes=2", env=env, check=False)
+    assert classes.returncode != 0 and "set data.num_classes=0" in classes.stderr
+
+    demo = tmp_path / "demo"
+    transfer = run("train.py", "train.stage=transfer", f"hydra.run.dir={demo}", env=env, check=False)
+    assert transfer.returncode != 0 and "train.stage='transfer' needs a converted pretrained model" in transfer.stderr
+    run("train.py", *TINY, "train.max_steps=1", "train.num_val_samples=0", f"hydra.run.dir={demo}", env=env)
+    prompts = run("sample.py", f"checkpoint={demo}", 'prompts=["a red car"]', env=env, check=False)
+    assert prompts.returncode != 0 and "prompts are for text-to-video runs" in prompts.stderr
 
 
 def test_two_process_ddp_finetune_matches_one_process(workflow, env, tmp_path):
