@@ -15,8 +15,10 @@ the same video bytes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 from accelerate.utils import gather_object
 from omegaconf import DictConfig
 
@@ -29,6 +31,7 @@ from data.training_data import TrainingData
 from data.video import write_grid_mp4, write_mp4
 from dit.checkpoint import resolve_checkpoint
 from dit.families import model_family, take
+from eval.demo_score import headline, is_demo_run, load_demo_classifier, score_videos
 from eval.generation import cycle_labels, generation_seed, load_sampling_setup
 
 logger = get_logger(__name__)
@@ -102,6 +105,11 @@ def main(cfg: DictConfig) -> None:
             atomic_write_text(out_dir / "prompts.txt", "".join(f"{n}.mp4\t{p}\n" for n, p in zip(names, prompts)))
         logger.info(f"wrote {len(ordered)} videos and grid.mp4 to {out_dir} (checkpoint {checkpoint}, {cfg.weights} "
                     f"weights, {state.num_processes} process{'es' if state.num_processes > 1 else ''})")
+        if is_demo_run(run_cfg):  # how recognisable the shapes are (eval.demo_score)
+            classifier, record = load_demo_classifier(run_cfg.data)
+            score = score_videos(np.stack(ordered), conditions, classifier, record)
+            atomic_write_text(out_dir / "demo_score.json", json.dumps(score, indent=2) + "\n")
+            logger.info(headline(score))
     state.wait_for_everyone()
     end_processes(state)
 

@@ -53,6 +53,7 @@ from dit.train_state import (
     load_deepspeed_state,
     write_checkpoint,
 )
+from eval.demo_score import headline, is_demo_run, load_demo_classifier, score_model
 from eval.fvd import fvd_of_model, load_i3d, training_real_stats
 from eval.generation import generation_seed
 from eval.metrics import MetricsLogger
@@ -181,6 +182,9 @@ def main(cfg: DictConfig) -> None:
     latent_shape = data.latent_shape(vae)
     family = model_family(cfg)
     family.check(data.has_captions())
+    if cfg.train.score_every and not is_demo_run(cfg):
+        raise ValueError(f"train.score_every scores the demo's shapes, but this run trains on data={cfg.data.name}: "
+                         "set train.score_every=0 (and use train.fvd_every or eval.fvd)")
     family.prepare_config(latent_shape)
     model = family.build(latent_shape)
     dataset = data.dataset()
@@ -231,6 +235,8 @@ def main(cfg: DictConfig) -> None:
     # Optional periodic FVD of the EMA weights; without I3D weights this stops here, before training.
     fvd_i3d = load_i3d(device=accelerator.device) if cfg.train.fvd_every else None
     fvd_real = training_real_stats(cfg, vae, fvd_i3d, accelerator)[0] if fvd_i3d is not None else None
+    # Optional periodic demo score (every rank generates the same clips: correct under any sharding).
+    score_classifier, score_record = load_demo_classifier(cfg.data) if cfg.train.score_every else (None, None)
 
     bar = progress(total=cfg.train.max_steps, initial=state.step, desc="train")
     timer, timed_steps, losses = time.perf_counter(), 0, []
@@ -318,6 +324,15 @@ def main(cfg: DictConfig) -> None:
                                cfg_scale=cfg.train.val_cfg_scale, seed=cfg.seed, i3d=fvd_i3d, real_stats=fvd_real,
                                state=accelerator, batch_size=cfg.train.batch_size)
             metrics.log(state.step, {f"fvd{cfg.train.fvd_num_samples}": fvd})
+        if cfg.train.score_every and (state.step % cfg.train.score_every == 0 or last):
+            score = score_model(ema, vae.decode, cfg, num_samples=cfg.train.score_num_samples,
+                                steps=cfg.train.val_steps, cfg_scale=cfg.train.val_cfg_scale, seed=cfg.seed,
+                                batch_size=cfg.train.score_num_samples, device=accelerator.device,
+                                classifier=score_classifier, record=score_record)
+            logger.info(f"step {state.step}: {headline(score)}")
+            metrics.log(state.step, {f"demo_{key}": score[key] for key in
+                                     ("class_accuracy", "confident_fraction", "reject_fraction")
+                                     if score[key] is not None})
     bar.close()
     metrics.close()
     logger.info(f"done: {state.step} steps; checkpoints in {run_dir / 'checkpoints'}, videos in {run_dir / 'samples'}")

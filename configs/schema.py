@@ -160,6 +160,8 @@ TRAIN_SCHEMA: dict[str, dict[str, Rule]] = {
         "max_nonfinite_steps": positive_int,
         "fvd_every": non_negative_int,
         "fvd_num_samples": at_least(2),
+        "score_every": non_negative_int,
+        "score_num_samples": positive_int,
     },
     "logger": {
         "name": one_of("none", "tensorboard", "wandb"),
@@ -255,6 +257,10 @@ CONFIG_SCHEMAS: dict[str, dict[str, dict[str, Rule]]] = {
         "text_encoder": {"path": optional(text), "max_length": positive_int},
     },
     "fvd": {"": FVD_SCHEMA},
+    "demo_score": {"": {
+        "checkpoint": text, "num_samples": positive_int, "model_weights": one_of("ema", "model"),
+        "device": optional(text), "out": optional(text), **SAMPLING_SCHEMA,
+    }},
     "report": {"": {"runs": one_or_list_of(text), "out": optional(text), "val_clips": non_negative_int}},
     "diagnostics": {"": {
         "checkpoint": text, "weights": one_of("ema", "model"), "num_clips": positive_int,

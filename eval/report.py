@@ -7,7 +7,8 @@
 For each run (a directory with ``checkpoints/``) the table lists the attention variant,
 model, steps, final training loss (mean of the last 10 % of logged steps), a validation
 loss computed here with the EMA weights on fixed clips, noise and flow times (identical
-for every run, so comparable), FVD if ``<run>/fvd/*.json`` exists, tokens/s, peak memory,
+for every run, so comparable), FVD if ``<run>/fvd/*.json`` exists, the demo score (eval.demo_score) of demo
+runs, tokens/s, peak memory,
 parameters and forward FLOPs per sample. Plots: loss curves, and training throughput
 against tokens per sample.
 """
@@ -102,6 +103,23 @@ def fvd_result(run_dir: Path) -> str:
     return f"{results[-1]['fvd']:.1f} ({results[-1].get('num_clips', '?')} clips)"
 
 
+def demo_score_result(run_dir: Path, records: list[dict]) -> str:
+    """The newest demo score of the run (eval.demo_score's result, else train.score_every's), or a dash."""
+    folder = run_dir / "demo_score"
+    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if paths:
+        score = json.loads(paths[-1].read_text())
+        value, clips = score["class_accuracy"], score["num_clips"]
+        if value is None:
+            value = score["confident_fraction"]
+        return f"{value:.0%} ({clips} clips)"
+    logged = [r for r in records if "demo_class_accuracy" in r or "demo_confident_fraction" in r]
+    if not logged:
+        return "—"
+    last = logged[-1]
+    return f"{last.get('demo_class_accuracy', last.get('demo_confident_fraction')):.0%} (step {last['step']})"
+
+
 def summarise(run_dir: Path, val_clips: int) -> dict:
     checkpoint = latest_checkpoint(run_dir)
     cfg = OmegaConf.load(checkpoint / "config.yaml")
@@ -117,6 +135,7 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
         "final_loss": final_loss(records),
         "val_loss": validation_loss(checkpoint, val_clips) if val_clips and cfg.model.family == "dit" else float("nan"),
         "fvd": fvd_result(run_dir),
+        "demo_score": demo_score_result(run_dir, records),
         "tokens_per_s": mean_of_last_half(records, "tokens_per_s"),
         "samples_per_s": mean_of_last_half(records, "samples_per_s"),
         "peak_memory_gb": max((r.get("peak_memory_gb", float("nan")) for r in records), default=float("nan")),
@@ -131,14 +150,14 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ("| run | attention | model | steps | final loss | loss at equal time | val loss | FVD | tokens/s | "
-              "samples/s | peak mem (GB) | params (M) | tokens/sample | fwd GFLOPs/sample |")
-    lines = [header, "|" + "---|" * 14]
+    header = ("| run | attention | model | steps | final loss | loss at equal time | val loss | FVD | demo score | "
+              "tokens/s | samples/s | peak mem (GB) | params (M) | tokens/sample | fwd GFLOPs/sample |")
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         params = f"{r['parameters'] / 1e6:.2f}" if r["parameters"] else "—"
         lines.append(
             f"| {r['run']} | {r['attention']} | {r['model']} | {r['steps']} | {r['final_loss']:.4f} | "
-            f"{r['loss_at_equal_time']:.4f} | {r['val_loss']:.4f} | {r['fvd']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
+            f"{r['loss_at_equal_time']:.4f} | {r['val_loss']:.4f} | {r['fvd']} | {r['demo_score']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
             f"{r['peak_memory_gb']:.2f} | {params} | {r['tokens_per_sample']} | {r['forward_gflops']:.3f} |"
         )
     return "\n".join(lines)

@@ -39,8 +39,9 @@ from dit.pretrained import (
     load_pretrained_transformer,
     record_grid,
 )
+from sample import conditions_of
 from tests.paths import REPO_ROOT
-from tests.runs import TIMEOUT_S, TINY, launch, run, run_command
+from tests.runs import TIMEOUT_S, launch, run, run_command
 from tests.wan_fixtures import (
     CAPTIONS,
     save_captioned_videos,
@@ -108,7 +109,7 @@ def test_each_converted_layer_equals_its_oracle_on_its_inputs(variant):
     (args, kwargs, out), = captured
     hidden, rotary = args[0], args[3] if len(args) > 3 else kwargs.get("rotary_emb")
     processor = attn.processor
-    heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # noqa: E731
+    heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
     q, k, v = heads(attn.norm_q(attn.to_q(hidden))), heads(attn.norm_k(attn.to_k(hidden))), heads(attn.to_v(hidden))
     core = processor.core
     expected = reference_core_output(core, q, k, v, (3, 4, 6), rotary_tables_from_wan(rotary))
@@ -274,6 +275,8 @@ def test_transfer_then_finetune_kill_resume_and_sample_from_prompts(workflow, en
     assert sorted(p.name for p in out.glob("*.mp4")) == ["grid.mp4", "sample_000.mp4", "sample_001.mp4"]
     assert all(frame_count(p) == 9 for p in out.glob("*.mp4"))
     assert (out / "prompts.txt").read_text() == "sample_000.mp4\ta red car moving left\nsample_001.mp4\ta blue ball\n"
+    no_prompts = run("sample.py", f"checkpoint={reference}", env=env, check=False)
+    assert no_prompts.returncode != 0 and "generates videos from text: pass prompts=" in no_prompts.stderr
     again = tmp_path / "again"
     run("sample.py", f"checkpoint={reference}", 'prompts=["a red car moving left","a blue ball"]',
         "negative_prompt=blurry", "steps=3", "cfg_scale=5", "shift=3", "seed=7", f"out_dir={again}", env=env)
@@ -289,21 +292,15 @@ def test_wan_runs_refuse_what_they_cannot_do(workflow, env, tmp_path):
     assert failed.returncode != 0 and "model.path=" in failed.stderr and "transformer/ subfolder" in failed.stderr
     with pytest.raises(Exception, match="model.path is not set"):
         compose_config("train", ["model=wan"])
-    run_dir = tmp_path / "wan"
-    wan_train(run_dir, workflow, "train.max_steps=1", "train.num_val_samples=0", env=env)
-    no_prompts = run("sample.py", f"checkpoint={run_dir}", env=env, check=False)
-    assert no_prompts.returncode != 0 and "generates videos from text: pass prompts=" in no_prompts.stderr
     fvd = wan_train(tmp_path / "fvd", workflow, "train.max_steps=1", "train.fvd_every=1", env=env, check=False)
     assert fvd.returncode != 0 and "train.fvd_every needs class-conditional samples" in fvd.stderr
     classes = wan_train(tmp_path / "classes", workflow, "train.max_steps=1", "data.num_classes=2", env=env, check=False)
     assert classes.returncode != 0 and "set data.num_classes=0" in classes.stderr
-
-    demo = tmp_path / "demo"
-    transfer = run("train.py", "train.stage=transfer", f"hydra.run.dir={demo}", env=env, check=False)
+    transfer = run("train.py", "train.stage=transfer", f"hydra.run.dir={tmp_path / 'demo'}", env=env, check=False)
     assert transfer.returncode != 0 and "train.stage='transfer' needs a converted pretrained model" in transfer.stderr
-    run("train.py", *TINY, "train.max_steps=1", "train.num_val_samples=0", f"hydra.run.dir={demo}", env=env)
-    prompts = run("sample.py", f"checkpoint={demo}", 'prompts=["a red car"]', env=env, check=False)
-    assert prompts.returncode != 0 and "prompts are for text-to-video runs" in prompts.stderr
+    demo_run = compose_config("train", [])
+    with pytest.raises(ValueError, match="prompts are for text-to-video runs"):
+        conditions_of(compose_config("sample", ["checkpoint=run", 'prompts=["a red car"]']), demo_run, "dit", "cpu")
 
 
 def test_two_process_ddp_finetune_matches_one_process(workflow, env, tmp_path):

@@ -22,14 +22,14 @@ def test_quick_suite_measures_every_section_and_writes_one_report(tmp_path):
     sections = result["sections"]
     attention = sections["attention"]["points"]
     # Every planned point is measured or listed as not measured, eager and compiled.
-    planned = {(v, n, c) for v in ("softmax", "linear", "hla", "mhla") for n in (64, 128) for c in (False, True)}
+    planned = {(v, n, c) for v in ("softmax", "linear", "hla", "mhla") for n in (64,) for c in (False, True)}
     measured = {(p["variant"], p["n"], p["compiled"]) for p in attention}
     listed = {(s["variant"], s["n"], s["compiled"]) for s in sections["attention"]["skipped"]}
     assert measured | listed >= planned and ("softmax", 64, False) in measured
     assert all(p["info"].get("compiled") == "aot_eager" for p in attention if p["compiled"])
     assert "FlashAttention" in sections["attention"]["sdpa_backend"] or sections["attention"]["sdpa_backend"]
     train = sections["train"]["points"]
-    assert {p["tokens_per_sample"] for p in train if not p["compiled"]} <= {4, 8}
+    assert {p["tokens_per_sample"] for p in train} == {4}
     assert all(p["tokens_per_s"] == pytest.approx(p["samples_per_s"] * p["tokens_per_sample"]) for p in train)
     assert any(p["model"]["gradient_checkpointing"] for p in train)
     assert sections["sample"]["points"] and all(p["dit_s"] > 0 for p in sections["sample"]["points"])
