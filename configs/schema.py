@@ -127,6 +127,7 @@ TRAIN_SCHEMA: dict[str, dict[str, Rule]] = {
         "mlp_ratio": positive,
         "patch_size": int_list(3),
         "qk_norm": one_of("per_head", "across_heads"),
+        "prediction": one_of("velocity", "data"),
         "class_dropout_prob": unit_interval,
         "gradient_checkpointing": boolean,
     },
@@ -259,7 +260,7 @@ CONFIG_SCHEMAS: dict[str, dict[str, dict[str, Rule]]] = {
     "fvd": {"": FVD_SCHEMA},
     "demo_score": {"": {
         "checkpoint": text, "num_samples": positive_int, "model_weights": one_of("ema", "model"),
-        "device": optional(text), "out": optional(text), **SAMPLING_SCHEMA,
+        "device": optional(text), "out": optional(text), "frames_png": optional(text), **SAMPLING_SCHEMA,
     }},
     "report": {"": {"runs": one_or_list_of(text), "out": optional(text), "val_clips": non_negative_int}},
     "diagnostics": {"": {

@@ -6,7 +6,12 @@
     depth × DiTBlock(tokens, c): adaLN-Zero → self-attention (any variant, 3D RoPE) → MLP
     FinalLayer(tokens, c) ──unpatchify──> prediction (B, C, T, H, W)
 
-The model predicts the rectified-flow velocity ε − x₀ (see :mod:`dit.flow`).
+The model returns the rectified-flow velocity ε − x₀ (see :mod:`dit.flow`). With
+``prediction="data"`` the transformer itself predicts the clean clip x̂₀ and the model
+returns the velocity it implies, (x_t − x̂₀) / t. In pixel space a patch holds as many
+numbers as a small model's width (2·4·4·3 = 96 for the demo): a transformer that must
+output the velocity carries the patch's noise through its residual stream, while a clean
+clip is much simpler to output (docs/demo.md measures the difference).
 Tokens are ordered t-major, n = (t·H' + h)·W' + w, the order :func:`attention.rope_tables`
 and MHLA's blocks assume. The token grid is computed from each input, so one model
 runs on any clip size its patch size divides; RoPE tables are float32 plain tensors
@@ -25,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from attention import QK_NORMS, RotaryTables, build_attention_layers, rope_tables
 
 Grid = tuple[int, int, int]
+PREDICTIONS = ("velocity", "data")
+DATA_PREDICTION_MIN_TIME = 0.05  # (x_t − x̂₀) / t divides by at least this, so that t → 0 stays finite
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -129,6 +136,9 @@ class VideoDiT(nn.Module):
         attention: attention config node (single variant or hybrid), see ``configs/attention``.
         gradient_checkpointing: recompute each block in backward to save memory.
         qk_norm: q/k RMSNorm of the attention layers, "per_head" or "across_heads" (Wan2.1).
+        prediction: what the transformer outputs: ``"velocity"`` (ε − x₀) or ``"data"`` (x̂₀,
+            turned into the velocity (x_t − x̂₀) / max(t, 0.05)). Either way ``forward``
+            returns a velocity, so the loss and the samplers are unchanged.
     """
 
     def __init__(
@@ -146,8 +156,12 @@ class VideoDiT(nn.Module):
         attention: Mapping,
         gradient_checkpointing: bool = False,
         qk_norm: str = "per_head",
+        prediction: str = "velocity",
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction={prediction!r} is not valid; choose one of {list(PREDICTIONS)}")
+        self.prediction = prediction
         input_size, patch_size = tuple(int(s) for s in input_size), tuple(int(p) for p in patch_size)
         if len(input_size) != 3 or len(patch_size) != 3 or any(s % p for s, p in zip(input_size, patch_size)):
             raise ValueError(
@@ -245,7 +259,10 @@ class VideoDiT(nn.Module):
                 tokens = checkpoint(block, tokens, c, grid, rope, use_reentrant=False)
             else:
                 tokens = block(tokens, c, grid, rope)
-        return self.unpatchify(self.final_layer(tokens, c), grid)
+        out = self.unpatchify(self.final_layer(tokens, c), grid)
+        if self.prediction == "data":  # out is x̂₀: return the velocity it implies
+            out = (x - out) / t.clamp_min(DATA_PREDICTION_MIN_TIME).view(-1, 1, 1, 1, 1).to(out.dtype)
+        return out
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor | None, cfg_scale: float) -> Tensor:
         """Classifier-free guidance: v_uncond + s·(v_cond − v_uncond) in one doubled batch.
@@ -297,8 +314,9 @@ class VideoDiT(nn.Module):
 def build_dit(model_cfg: Mapping, attention_cfg: Mapping, *, in_channels: int, input_size: Sequence[int],
               num_classes: int) -> VideoDiT:
     """A VideoDiT from the ``model`` and ``attention`` config nodes and the latent shape."""
-    if "qk_norm" not in model_cfg:
-        raise ValueError(f"model.qk_norm is missing; choose one of {list(QK_NORMS)}")
+    for key, choices in (("qk_norm", QK_NORMS), ("prediction", PREDICTIONS)):
+        if key not in model_cfg:
+            raise ValueError(f"model.{key} is missing; choose one of {list(choices)}")
     return VideoDiT(
         in_channels=in_channels,
         input_size=input_size,
@@ -312,4 +330,5 @@ def build_dit(model_cfg: Mapping, attention_cfg: Mapping, *, in_channels: int, i
         attention=attention_cfg,
         gradient_checkpointing=model_cfg["gradient_checkpointing"],
         qk_norm=model_cfg["qk_norm"],
+        prediction=model_cfg["prediction"],
     )

@@ -24,7 +24,7 @@ under a minute on a CPU; the result is cached under ``<LINVID_CACHE>/demo_score/
 then a JSON record that marks completion), keyed by the demo parameters and
 ``SCORE_VERSION``.
 
-    python -m eval.demo_score <run dir | checkpoint dir> [num_samples=32 steps=25 cfg_scale=4]
+    python -m eval.demo_score <run dir | checkpoint dir> [num_samples=32 steps=25 cfg_scale=4 frames_png=<file>]
 
 writes ``<run dir>/demo_score/score_step<step>.json`` (read by ``eval.report``);
 ``train.score_every`` logs the same score during training.
@@ -377,16 +377,58 @@ def score_videos(videos: np.ndarray, labels: Sequence[int] | None, classifier: D
     }
 
 
-def score_model(model: nn.Module, decode: Callable[[Tensor], Tensor], run_cfg: Mapping, *, num_samples: int,
-                steps: int, cfg_scale: float, seed: int, batch_size: int, device: torch.device | str,
-                classifier: DemoClassifier, record: Mapping | None = None) -> dict[str, Any]:
-    """Generate ``num_samples`` videos from ``model`` (labels cycling over the classes, sample i
-    from the noise of ``generation_seed(seed, i)``: sample.py's conventions) and score them."""
+def generate_demo_videos(model: nn.Module, decode: Callable[[Tensor], Tensor], run_cfg: Mapping, *,
+                         num_samples: int, steps: int, cfg_scale: float, seed: int, batch_size: int,
+                         device: torch.device | str) -> tuple[np.ndarray, list[int] | None]:
+    """uint8 videos (N, T, H, W, 3) from ``model`` and their labels: labels cycle over the classes
+    and sample i starts from the noise of ``generation_seed(seed, i)`` (sample.py's conventions)."""
     labels = cycle_labels(None, num_samples, int(run_cfg["data"]["num_classes"]))
     videos = generate_videos(model, decode, seeds=[generation_seed(seed, i) for i in range(num_samples)],
                              labels=labels, steps=steps, cfg_scale=cfg_scale,
                              shift=float(run_cfg["train"]["time_shift"]), batch_size=batch_size, device=device)
+    return videos, labels
+
+
+def score_model(model: nn.Module, decode: Callable[[Tensor], Tensor], run_cfg: Mapping, *,
+                classifier: DemoClassifier, record: Mapping | None = None, **generation: Any) -> dict[str, Any]:
+    """Score the videos :func:`generate_demo_videos` makes with ``generation``'s settings."""
+    videos, labels = generate_demo_videos(model, decode, run_cfg, **generation)
     return score_videos(videos, labels, classifier, record)
+
+
+FRAMES_SHOWN = 4  # frames per clip in the real-versus-generated picture, evenly spaced
+
+
+def write_frames_png(path: Path, videos: np.ndarray, labels: Sequence[int] | None, data_cfg: Mapping,
+                     title: str) -> None:
+    """A PNG with, for each class, frames of one real demo clip beside frames of one generated clip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = demo_spec(data_cfg)
+    names = class_names(spec)
+    real, real_labels, _ = _demo_files(data_cfg, spec)
+    rows = range(len(names)) if labels is not None else range(min(len(names), len(videos)))
+    frames = np.linspace(0, videos.shape[1] - 1, FRAMES_SHOWN).round().astype(int)
+    figure, axes = plt.subplots(len(rows), 2 * FRAMES_SHOWN, figsize=(2 * FRAMES_SHOWN, len(rows) + 0.6),
+                                squeeze=False)
+    for row in rows:
+        generated = videos[list(labels).index(row)] if labels is not None else videos[row]
+        real_clip = real[list(real_labels).index(row)] if labels is not None else real[row]
+        for j, frame in enumerate(frames):
+            for column, clip in ((j, real_clip), (FRAMES_SHOWN + j, generated)):
+                axes[row, column].imshow(clip[frame], interpolation="nearest")
+                axes[row, column].set_xticks([]), axes[row, column].set_yticks([])
+        axes[row, 0].set_ylabel(names[row] if labels is not None else "", fontsize=8)
+    axes[0, 0].set_title("real", fontsize=8, loc="left")
+    axes[0, FRAMES_SHOWN].set_title("generated", fontsize=8, loc="left")
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    with atomic_output_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
 
 
 def headline(score: Mapping[str, Any]) -> str:
@@ -416,9 +458,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     model, vae, run_cfg = load_sampling_setup(checkpoint, device, cfg.model_weights)
     classifier, record = load_demo_classifier(run_cfg.data)
     ready = time.perf_counter()
-    result = score_model(model, vae.decode, run_cfg, num_samples=cfg.num_samples, steps=cfg.steps,
-                         cfg_scale=cfg.cfg_scale, seed=cfg.seed, batch_size=cfg.batch_size, device=device,
-                         classifier=classifier, record=record)
+    videos, labels = generate_demo_videos(model, vae.decode, run_cfg, num_samples=cfg.num_samples, steps=cfg.steps,
+                                          cfg_scale=cfg.cfg_scale, seed=cfg.seed, batch_size=cfg.batch_size,
+                                          device=device)
+    result = score_videos(videos, labels, classifier, record)
     result.update({
         "checkpoint": {"path": str(checkpoint.resolve()), "step": _checkpoint_step(checkpoint),
                        "weights": cfg.model_weights},
@@ -429,6 +472,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out) if cfg.out else default_result_path(checkpoint)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     logger.info("%s; written to %s", headline(result), out)
+    if cfg.frames_png:
+        write_frames_png(Path(cfg.frames_png), videos, labels, run_cfg.data,
+                         f"step {result['checkpoint']['step']}, {run_cfg.attention.name}: {headline(result)}")
+        logger.info("real and generated frames: %s", cfg.frames_png)
     return result
 
 

@@ -211,10 +211,12 @@ def test_command_scores_the_latest_checkpoint(tiny_run, scored, env):
     assert score["classifier"]["cached"]  # train.score_every built it into the same cache
     assert score["classifier"]["real_accuracy"] == score["real_accuracy"]
 
-    # Same checkpoint, same seeds: same videos, same score.
+    # Same checkpoint, same seeds: same videos, same score; and the real-versus-generated picture.
     first = out.read_text()
-    score_command(run_dir, "num_samples=4", "steps=2", env=env)
+    png = run_dir / "frames.png"
+    score_command(run_dir, "num_samples=4", "steps=2", f"frames_png={png}", env=env)
     again = json.loads(out.read_text())
+    assert png.read_bytes()[:4] == b"\x89PNG"
     assert {k: again[k] for k in (*SCORE_KEYS, "predicted_counts", "num_clips")} == \
         {k: score[k] for k in (*SCORE_KEYS, "predicted_counts", "num_clips")}, first
 
@@ -262,3 +264,18 @@ def test_report_shows_the_demo_score(tiny_run, scored, tmp_path):
     last = [r for r in read_metrics(copy) if "demo_class_accuracy" in r][-1]
     row, _ = report_row(copy, tmp_path / "report_copy")
     assert row["demo score"] == f"{last['demo_class_accuracy']:.0%} (step 4)"
+
+
+def test_a_short_training_run_raises_the_score_above_the_untrained_models(tmp_path, env):
+    """One clip per class, 4 frames of 16²: a model that has learnt them draws recognisable shapes."""
+    memorise = ["data.num_videos=4", "data.num_frames=4", "data.resolution=16", "model.hidden_size=64",
+                "model.depth=2", "model.num_heads=2", "train.batch_size=4", "train.warmup_steps=10",
+                "train.num_val_samples=0", "train.checkpoint_every=1000"]
+    scores = {}
+    for steps in (1, 300):
+        run_dir = tmp_path / f"steps{steps}"
+        run("train.py", *memorise, f"train.max_steps={steps}", f"hydra.run.dir={run_dir}", env=env)
+        score_command(run_dir, "num_samples=8", env=env)
+        scores[steps] = json.loads((run_dir / "demo_score" / f"score_step{steps:08d}.json").read_text())
+    assert scores[1]["class_accuracy"] <= 0.25, scores[1]
+    assert scores[300]["class_accuracy"] >= 0.5 > scores[1]["class_accuracy"], scores

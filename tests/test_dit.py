@@ -179,6 +179,23 @@ def test_build_dit_passes_qk_norm_and_refuses_bad_values():
     assert math.prod(model.grid) == model.num_tokens == 4  # (2, 8, 8) latents in (2, 4, 4) patches
 
 
+def test_data_prediction_returns_the_velocity_of_its_clean_clip():
+    velocity = randomize_zero_init(tiny_dit({"name": "softmax"}))
+    data = randomize_zero_init(tiny_dit({"name": "softmax"}, prediction="data"))
+    data.load_state_dict(velocity.state_dict())
+    x, y = torch.randn(3, 3, 3, 10, 14), torch.tensor([0, 1, 2])
+    t = torch.tensor([0.9, 0.3, 0.01])
+    clean = velocity(x, t, y)  # the same network's raw output, read as x̂₀ by the data model
+    expected = (x - clean) / torch.tensor([0.9, 0.3, 0.05]).view(-1, 1, 1, 1, 1)  # t clamped at 0.05
+    torch.testing.assert_close(data(x, t, y), expected)
+    with pytest.raises(ValueError, match=r"model.prediction='eps' is not valid; choose one of \['velocity', 'data'\]"):
+        tiny_dit(prediction="eps")
+    model_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml"))
+    with pytest.raises(ValueError, match="model.prediction is missing"):
+        build_dit({k: v for k, v in model_cfg.items() if k != "prediction"}, {"name": "linear"}, in_channels=3,
+                  input_size=(2, 8, 8), num_classes=0)
+
+
 # ------------------------------------------------------------------------------- flow
 
 

@@ -180,6 +180,15 @@ def test_every_shipped_combination_validates():
             compose_config("train", [f"model={model}", f"logger={logger}"])
 
 
+def test_the_attention_study_composes_for_every_variant_at_1024_tokens():
+    for attention in ("softmax", "linear", "hla", "mhla", "hybrid"):
+        cfg = compose_config("train", ["+experiment=attention_study", f"attention={attention}"])
+        patch = cfg.model.patch_size
+        tokens = (cfg.data.num_frames // patch[0]) * (cfg.data.resolution // patch[1]) * (cfg.data.resolution // patch[2])
+        assert tokens >= 1024 and cfg.attention.name == attention and cfg.data.name == "demo"
+        assert cfg.train.max_steps == 800 and cfg.train.score_every > 0
+
+
 def test_sweep_over_attention_variants_runs_each_in_its_own_directory(tmp_path, env):
     sweep_dir = tmp_path / "sweep"
     run("train.py", "-m", "attention=softmax,linear,hla,mhla", *TINY, "train.max_steps=1",
