@@ -265,17 +265,3 @@ def test_report_shows_the_demo_score(tiny_run, scored, tmp_path):
     row, _ = report_row(copy, tmp_path / "report_copy")
     assert row["demo score"] == f"{last['demo_class_accuracy']:.0%} (step 4)"
 
-
-def test_a_short_training_run_raises_the_score_above_the_untrained_models(tmp_path, env):
-    """One clip per class, 4 frames of 16²: a model that has learnt them draws recognisable shapes."""
-    memorise = ["data.num_videos=4", "data.num_frames=4", "data.resolution=16", "model.hidden_size=64",
-                "model.depth=2", "model.num_heads=2", "train.batch_size=4", "train.warmup_steps=10",
-                "train.num_val_samples=0", "train.checkpoint_every=1000"]
-    scores = {}
-    for steps in (1, 300):
-        run_dir = tmp_path / f"steps{steps}"
-        run("train.py", *memorise, f"train.max_steps={steps}", f"hydra.run.dir={run_dir}", env=env)
-        score_command(run_dir, "num_samples=8", env=env)
-        scores[steps] = json.loads((run_dir / "demo_score" / f"score_step{steps:08d}.json").read_text())
-    assert scores[1]["class_accuracy"] <= 0.25, scores[1]
-    assert scores[300]["class_accuracy"] >= 0.5 > scores[1]["class_accuracy"], scores
