@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from configs.entry import compose_config
-from eval.diagnostics import effective_rank, numerical_rank, row_distance, row_entropy, run
-from tests.runs import train
+from eval.diagnostics import (
+    effective_rank,
+    numerical_rank,
+    row_distance,
+    row_entropy,
+    run,
+)
+from tests import runs as scripts
+from tests.runs import TINY
 
 N = 12
 
@@ -44,11 +51,11 @@ def test_batched_measures_keep_the_leading_dimensions():
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, env):
     root = tmp_path_factory.mktemp("diagnostics")
-    runs = {}
-    for variant in ("softmax", "linear", "hla", "mhla", "hybrid"):
-        runs[variant] = root / variant
-        train(runs[variant], f"attention={variant}", "train.max_steps=1", "train.num_val_samples=0", env=env)
-    return runs
+    variants = ("softmax", "linear", "hla", "mhla", "hybrid")
+    scripts.run("train.py", "-m", f"attention={','.join(variants)}", *TINY, "train.max_steps=1", "train.num_val_samples=0",
+        f"hydra.sweep.dir={root}", env=env)  # one process for the five runs
+    runs = {path.name.split("+")[0]: path for path in root.iterdir() if path.is_dir()}  # named by the overrides
+    return {variant: runs[f"attention-{variant}"] for variant in variants}
 
 
 @pytest.mark.parametrize("variant", ["softmax", "linear", "hla", "mhla", "hybrid"])
