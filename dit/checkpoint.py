@@ -173,6 +173,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint directory was written at (its ``trainer_state.json``)."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (-> its latest checkpoint) or a checkpoint directory, validated."""
     path = Path(path).expanduser()

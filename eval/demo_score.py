@@ -52,7 +52,7 @@ from configs.files import atomic_output_path, atomic_write_text, cache_root
 from configs.logs import get_logger
 from data.datasets import build_video_dataset
 from data.demo import BACKGROUND_RGB, SHAPE_NAMES, render_clip
-from dit.checkpoint import resolve_checkpoint
+from dit.checkpoint import checkpoint_step, resolve_checkpoint
 from dit.sampling import generate_videos
 from eval.generation import cycle_labels, generation_seed, load_sampling_setup
 
@@ -440,13 +440,9 @@ def headline(score: Mapping[str, Any]) -> str:
             f"rejected as no shape{ceiling}")
 
 
-def _checkpoint_step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
-
-
 def default_result_path(checkpoint: Path) -> Path:
     """``<run dir>/demo_score/score_step<step>.json``."""
-    return checkpoint.parent.parent / "demo_score" / f"score_step{_checkpoint_step(checkpoint):08d}.json"
+    return checkpoint.parent.parent / "demo_score" / f"score_step{checkpoint_step(checkpoint):08d}.json"
 
 
 @entry_point("demo_score", positional_key="checkpoint")
@@ -463,7 +459,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
                                           device=device)
     result = score_videos(videos, labels, classifier, record)
     result.update({
-        "checkpoint": {"path": str(checkpoint.resolve()), "step": _checkpoint_step(checkpoint),
+        "checkpoint": {"path": str(checkpoint.resolve()), "step": checkpoint_step(checkpoint),
                        "weights": cfg.model_weights},
         "sampling": {"num_samples": cfg.num_samples, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale, "seed": cfg.seed},
         "classifier": {key: record[key] for key in ("real_accuracy", "held_out_clips", "negatives_rejected", "cached")},

@@ -27,7 +27,12 @@ from configs.entry import entry_point
 from configs.files import atomic_write_text
 from configs.logs import get_logger
 from data.training_data import TrainingData
-from dit.checkpoint import CHECKPOINTS, latest_checkpoint, load_dit_for_sampling
+from dit.checkpoint import (
+    CHECKPOINTS,
+    checkpoint_step,
+    latest_checkpoint,
+    load_dit_for_sampling,
+)
 from eval.diagnostics import plot_layers, read_diagnostics
 from eval.metrics import read_metrics
 
@@ -131,7 +136,7 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
         "attention": cfg.attention.name,
         "model": cfg.model.name,
         "seed": cfg.seed,
-        "steps": json.loads((checkpoint / "trainer_state.json").read_text())["step"],
+        "steps": checkpoint_step(checkpoint),
         "final_loss": final_loss(records),
         "val_loss": validation_loss(checkpoint, val_clips) if val_clips and cfg.model.family == "dit" else float("nan"),
         "fvd": fvd_result(run_dir),

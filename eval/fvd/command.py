@@ -32,7 +32,7 @@ from configs.logs import get_logger
 from configs.processes import end_processes, process_state
 from data.latents import MANIFEST_NAME
 from data.training_data import TrainingData
-from dit.checkpoint import resolve_checkpoint
+from dit.checkpoint import checkpoint_step, resolve_checkpoint
 from eval.fvd import weights
 from eval.fvd.protocol import (
     DEFAULT_NUM_FRAMES,
@@ -130,19 +130,12 @@ def result_record(distance: float, real_stats: FeatureStats, fake_stats: Feature
         "elapsed_s": round(time.perf_counter() - t0, 3),
         "notes": notes,
     }
-def _checkpoint_step(checkpoint: Path) -> int:
-    state_file = checkpoint / "trainer_state.json"
-    if state_file.is_file():
-        return int(json.loads(state_file.read_text())["step"])
-    return int(checkpoint.name.split("_")[-1])
-
-
 def default_result_path(checkpoint: Path, protocol_label: str, pretrained: bool) -> Path:
     """``<run dir>/fvd/fvd_<protocol>_step<step>.json``; results without pretrained weights go to ``fvd/unverified/``."""
     folder = checkpoint.parent.parent / "fvd"
     if not pretrained:
         folder = folder / "unverified"  # eval.report reads fvd/*.json: never show these as FVD
-    return folder / f"fvd_{protocol_label}_step{_checkpoint_step(checkpoint):08d}.json"
+    return folder / f"fvd_{protocol_label}_step{checkpoint_step(checkpoint):08d}.json"
 
 
 def run_checkpoint(cfg: DictConfig, state: Any) -> tuple[dict[str, Any], Path]:
@@ -187,7 +180,7 @@ def run_checkpoint(cfg: DictConfig, state: Any) -> tuple[dict[str, Any], Path]:
         batch_size=batch_size, state=state)
     stride, target_fps = TrainingData.of_run(run_cfg).frame_sampling()
     extra = {
-        "checkpoint": {"path": str(checkpoint.resolve()), "step": _checkpoint_step(checkpoint),
+        "checkpoint": {"path": str(checkpoint.resolve()), "step": checkpoint_step(checkpoint),
                        "weights": sampling["model_weights"]},
         "sampling": {"num_samples": sampling["num_samples"], "steps": sampling["steps"],
                      "cfg_scale": sampling["cfg_scale"], "seed": sampling["seed"], "batch_size": batch_size,
