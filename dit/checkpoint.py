@@ -174,8 +174,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a complete checkpoint directory was written at (its ``trainer_state.json``)."""
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+    """The optimizer step a checkpoint directory was written at: its ``trainer_state.json``, else its name."""
+    state_file = checkpoint / "trainer_state.json"
+    if state_file.is_file():
+        return int(json.loads(state_file.read_text())["step"])
+    return int(checkpoint.name.split("_")[-1])
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
