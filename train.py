@@ -331,7 +331,7 @@ def main(cfg: DictConfig) -> None:
                                 classifier=score_classifier, record=score_record)
             logger.info(f"step {state.step}: {headline(score)}")
             metrics.log(state.step, {f"demo_{key}": score[key] for key in
-                                     ("class_accuracy", "confident_fraction", "reject_fraction")
+                                     ("class_accuracy", "class_probability", "confident_fraction", "reject_fraction")
                                      if score[key] is not None})
     bar.close()
     metrics.close()

@@ -7,6 +7,8 @@ and reports, for generated clips:
 
 * ``class_accuracy``: the fraction recognised as the class they were conditioned on
   (None for unconditional runs);
+* ``class_probability``: the classifier's mean probability of that class, the graded form of
+  ``class_accuracy`` that moves before any clip is recognised (None for unconditional runs);
 * ``confident_fraction``: the fraction whose largest shape probability is at least
   ``CONFIDENT``, the score that needs no label;
 * ``reject_fraction``: the fraction classified as "no shape";
@@ -352,7 +354,8 @@ def score_videos(videos: np.ndarray, labels: Sequence[int] | None, classifier: D
     """Score generated uint8 videos (N, T, H, W, 3) conditioned on ``labels`` (None: unconditional).
 
     Returns ``class_accuracy`` (fraction whose predicted class, "no shape" included, is
-    their label; None without labels), ``confident_fraction`` (largest shape probability
+    their label; None without labels), ``class_probability`` (mean probability of their
+    label; None without labels), ``confident_fraction`` (largest shape probability
     ≥ CONFIDENT), ``reject_fraction`` (predicted "no shape"), ``real_accuracy`` (from
     ``record``: the held-out ceiling), ``num_clips`` and the predicted class counts.
     """
@@ -361,14 +364,16 @@ def score_videos(videos: np.ndarray, labels: Sequence[int] | None, classifier: D
         raise DemoScoreError("no videos to score: pass at least one")
     k = classifier.num_classes
     predicted = probs.argmax(1)
-    class_accuracy = None
+    class_accuracy = class_probability = None
     if labels is not None:
         labels_t = torch.as_tensor(list(labels), dtype=torch.long)
         if len(labels_t) != len(probs):
             raise DemoScoreError(f"{len(probs)} videos but {len(labels_t)} labels: pass one label per video")
         class_accuracy = float((predicted == labels_t).float().mean())
+        class_probability = float(probs[torch.arange(len(probs)), labels_t].mean())
     return {
         "class_accuracy": class_accuracy,
+        "class_probability": class_probability,
         "confident_fraction": float((probs[:, :k].amax(1) >= CONFIDENT).float().mean()),
         "reject_fraction": float((predicted == k).float().mean()),
         "real_accuracy": None if record is None else record.get("real_accuracy"),

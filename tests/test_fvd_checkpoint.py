@@ -92,8 +92,9 @@ def test_checkpoint_fvd_cached_real_stats_and_two_processes(run_dir, weights, en
                                 "source": first["weights"]["source"]}
     assert first["checkpoint"] == {"path": str(run_dir / "checkpoints" / "step_00000001"), "step": 1,
                                    "weights": "ema"}
+    run_shift = OmegaConf.load(run_dir / "checkpoints" / "step_00000001" / "config.yaml").train.time_shift
     assert first["sampling"] == {
-        "num_samples": 4, "steps": 2, "cfg_scale": 4.0, "seed": 0, "batch_size": 2, "time_shift": 1.0,
+        "num_samples": 4, "steps": 2, "cfg_scale": 4.0, "seed": 0, "batch_size": 2, "time_shift": run_shift,
         "labels": "cycling over 4 classes", "noise_seeds": "seed * 100003 + sample index"}
     assert first["num_processes"] == 1 and first["elapsed_s"] > 0
     # eval.report shows FVDs only; a distance computed with random weights is never one.
