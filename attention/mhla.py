@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .compile_marks import assume_constant_result
 from .functional import (
     accumulation_dtype,
     check_same_tokens,
@@ -126,7 +127,7 @@ class BlockPlan(NamedTuple):
     filled: Tensor | None = None
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def mhla_grid_plan(grid: Grid, layout: Grid, device: torch.device | None = None) -> BlockPlan:
     """The :class:`BlockPlan` of a grid and layout, built from python ints only.
 

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .compile_marks import assume_constant_result
+
 
 @functools.cache
 def symmetric_monomials(width: int, order: int) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
@@ -46,7 +48,7 @@ def symmetric_monomials(width: int, order: int) -> tuple[tuple[tuple[int, ...], 
     return index, tuple(multinomial)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def symmetric_multinomials(width: int, order: int, device: torch.device | None = None) -> Tensor:
     """(F,) float64 multinomial coefficients of :func:`symmetric_monomials`, cached per device.
 

@@ -18,13 +18,15 @@ exact and results independent of the number of processes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -85,7 +87,13 @@ def rectified_flow_loss(model: Callable[..., Tensor], x0: Tensor, noise: Tensor,
 
 
 def flow_scheduler(shift: float) -> FlowMatchEulerDiscreteScheduler:
-    """The diffusers Euler scheduler for our convention (t = sigma = timestep / 1000)."""
+    """The diffusers Euler scheduler for our convention (t = sigma = timestep / 1000).
+
+    diffusers is imported here, not at the top: it loads ``torch._dynamo`` (seconds on a CPU),
+    which a command that fails on its config, or trains without sampling, never needs.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 

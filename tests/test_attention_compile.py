@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from attention import build_attention, rope_tables
+from attention.compile_marks import assume_constant_result
+from attention.mhla import mhla_grid_plan
+from attention.symmetric import symmetric_multinomials
 
 GRID = (2, 3, 4)  # N = 24; layouts below divide it or not
 DIM, HEADS = 32, 2
@@ -125,3 +128,12 @@ def test_graph_break_makes_fullgraph_fail():
     x = torch.randn(1, math.prod(GRID), DIM)
     with pytest.raises(torch._dynamo.exc.TorchDynamoException):
         torch.compile(HostRead(), fullgraph=True, backend="aot_eager")(x, GRID, rope_tables(DIM // HEADS, GRID))
+
+
+def test_constant_marks_are_the_ones_torch_compiler_sets():
+    """attention.compile_marks sets the very marker torch.compiler.assume_constant_result sets
+    (without importing Dynamo at import time), on every function that relies on it."""
+    reference = vars(torch.compiler.assume_constant_result(lambda: None))
+    assert reference and vars(assume_constant_result(lambda: None)) == reference
+    for marked in (mhla_grid_plan, symmetric_multinomials):
+        assert reference.items() <= vars(marked).items(), marked.__name__
