@@ -281,7 +281,7 @@ def test_a_short_training_run_raises_the_score_above_the_untrained_models(tmp_pa
     trained, vae, run_cfg = load_sampling_setup(run_dir, "cpu")
     classifier, record = load_demo_classifier(run_cfg.data)
     torch.manual_seed(0)
-    untrained = model_family(run_cfg).build((3, *trained.input_size)).eval()
+    untrained = model_family(run_cfg).build((trained.in_channels, *trained.input_size)).eval()
     settings = {"num_samples": 16, "steps": 25, "cfg_scale": 4.0, "seed": 0, "batch_size": 16, "device": "cpu"}
     before = score_model(untrained, vae.decode, run_cfg, classifier=classifier, record=record, **settings)
     after = score_model(trained, vae.decode, run_cfg, classifier=classifier, record=record, **settings)
