@@ -30,7 +30,7 @@ from data.video import write_mp4
 
 logger = get_logger(__name__)
 
-GENERATOR_VERSION = 1  # bump when the drawing changes, so that old caches are regenerated
+GENERATOR_VERSION = 2  # bump when the drawing changes, so that old caches are regenerated
 MANIFEST_NAME = "manifest.csv"
 PARAMS_NAME = "demo_params.json"
 LOCK_NAME = ".lock"
@@ -90,7 +90,7 @@ def render_clip(
     Colour, size, start and velocity come from ``rng``. Returns uint8
     (num_frames, resolution, resolution, 3), edges anti-aliased.
     """
-    radius = resolution * rng.uniform(0.14, 0.22)
+    radius = resolution * rng.uniform(0.25, 0.34)  # shapes 16 to 22 pixels across at 32: 4 to 5 tokens of 4x4
     colour = _vivid_colour(rng)
     start = rng.uniform(radius, resolution - radius, size=2)
     angle = rng.uniform(0.0, 2 * np.pi)

@@ -53,7 +53,7 @@ from configs.entry import entry_point
 from configs.files import atomic_output_path, atomic_write_text, cache_root
 from configs.logs import get_logger
 from data.datasets import build_video_dataset
-from data.demo import BACKGROUND_RGB, SHAPE_NAMES, render_clip
+from data.demo import BACKGROUND_RGB, GENERATOR_VERSION, SHAPE_NAMES, render_clip
 from dit.checkpoint import checkpoint_step, resolve_checkpoint
 from dit.sampling import generate_videos
 from eval.generation import cycle_labels, generation_seed, load_sampling_setup
@@ -71,7 +71,7 @@ BATCH = 32
 LR = 3e-3
 BUILD_SEED = 1234
 _TRAIN_STREAM, _HELD_OUT_STREAM = 0x7A11, 0x4E1D  # seed-sequence words the demo files never use
-SPEC_KEYS = ("num_videos", "num_classes", "num_frames", "resolution", "fps", "seed")
+SPEC_KEYS = ("generator_version", "num_videos", "num_classes", "num_frames", "resolution", "fps", "seed")
 
 
 class DemoScoreError(ValueError):
@@ -88,7 +88,7 @@ def demo_spec(data_cfg: Mapping) -> dict:
     if data_cfg.get("name") != "demo":
         raise DemoScoreError("the demo score needs data=demo (it knows only the demo's shapes); "
                              f"this run used data={data_cfg.get('name')!r} (use eval.fvd for other data)")
-    return {"num_videos": int(data_cfg["num_videos"]), "num_classes": int(data_cfg["num_classes"]),
+    return {"generator_version": GENERATOR_VERSION, "num_videos": int(data_cfg["num_videos"]), "num_classes": int(data_cfg["num_classes"]),
             "num_frames": int(data_cfg["num_frames"]), "resolution": int(data_cfg["resolution"]),
             "fps": float(data_cfg["fps"]), "seed": int(data_cfg.get("seed", 0))}
 
