@@ -181,7 +181,7 @@ def ensure_demo_videos(
     num_classes: int,
     num_frames: int,
     resolution: int,
-    fps: int | float,
+    fps: float,
     seed: int = 0,
 ) -> Path:
     """Generate the demo videos under ``root`` unless already there; return the manifest path.

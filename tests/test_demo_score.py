@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from configs.entry import compose_config
-from data.demo import SHAPE_NAMES, render_clip
+from data.demo import GENERATOR_VERSION, SHAPE_NAMES, render_clip
 from data.video import write_mp4
 from dit.families import model_family
 from eval.demo_score import (
     EXTRA_HELD_OUT_PER_CLASS,
     DemoScoreError,
     build_demo_classifier,
+    cache_key,
     classify_videos,
     demo_spec,
     headline,
@@ -85,6 +86,10 @@ def test_classifier_recognises_held_out_real_clips(built):
     assert not again.training
     # Weights then the record that marks completion, and no temporary files left behind.
     assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".safetensors"]
+    # A classifier cached for another drawing of the shapes is never reused: the key holds the generator version.
+    spec = demo_spec(data_cfg)
+    assert spec["generator_version"] == GENERATOR_VERSION
+    assert cache_key(spec) != cache_key({**spec, "generator_version": GENERATOR_VERSION - 1})
 
 
 def test_noise_and_blotches_score_at_most_chance(built):
@@ -275,9 +280,12 @@ def test_report_shows_the_demo_score(tiny_run, scored, tmp_path):
 
 def test_a_short_training_run_raises_the_score_above_the_untrained_models(tmp_path, env):
     """The TINY demo run, 200 steps under the default schedule: its generated clips score higher than
-    those of the same model untrained (same classifier, seeds and sampler), which draws no shape."""
+    those of the same model untrained (same classifier, seeds and sampler), which draws no shape.
+    Width 64 and 2x2 patches: a TINY clip's shapes are 8 to 11 pixels across, and 4x4 tokens of a
+    32-wide model draw only blurred blobs in 200 steps (class probability 0.016)."""
     run_dir = tmp_path / "run"
-    train(run_dir, "train.max_steps=200", "train.num_val_samples=0", "train.checkpoint_every=200", env=env)
+    train(run_dir, "train.max_steps=200", "train.num_val_samples=0", "train.checkpoint_every=200",
+          "model.patch_size=[1,2,2]", "model.hidden_size=64", "model.num_heads=4", env=env)
     trained, vae, run_cfg = load_sampling_setup(run_dir, "cpu")
     classifier, record = load_demo_classifier(run_cfg.data)
     torch.manual_seed(0)
