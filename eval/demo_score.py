@@ -71,7 +71,6 @@ BATCH = 32
 LR = 3e-3
 BUILD_SEED = 1234
 _TRAIN_STREAM, _HELD_OUT_STREAM = 0x7A11, 0x4E1D  # seed-sequence words the demo files never use
-SPEC_KEYS = ("generator_version", "num_videos", "num_classes", "num_frames", "resolution", "fps", "seed")
 
 
 class DemoScoreError(ValueError):
@@ -88,7 +87,8 @@ def demo_spec(data_cfg: Mapping) -> dict:
     if data_cfg.get("name") != "demo":
         raise DemoScoreError("the demo score needs data=demo (it knows only the demo's shapes); "
                              f"this run used data={data_cfg.get('name')!r} (use eval.fvd for other data)")
-    return {"generator_version": GENERATOR_VERSION, "num_videos": int(data_cfg["num_videos"]), "num_classes": int(data_cfg["num_classes"]),
+    return {"generator_version": GENERATOR_VERSION,
+            "num_videos": int(data_cfg["num_videos"]), "num_classes": int(data_cfg["num_classes"]),
             "num_frames": int(data_cfg["num_frames"]), "resolution": int(data_cfg["resolution"]),
             "fps": float(data_cfg["fps"]), "seed": int(data_cfg.get("seed", 0))}
 
@@ -99,7 +99,8 @@ def class_names(spec: Mapping) -> tuple[str, ...]:
 
 
 def cache_key(spec: Mapping) -> str:
-    text = json.dumps({"version": SCORE_VERSION, **{k: spec[k] for k in SPEC_KEYS}}, sort_keys=True)
+    """Hash of the score version and a ``demo_spec``: the cached classifier's file name."""
+    text = json.dumps({"version": SCORE_VERSION, **spec}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
