@@ -277,6 +277,19 @@ BUILDER_GROUPS: dict[str, tuple[str, ...]] = {
 OPTIONAL_KEYS: dict[str, set[str]] = {"logger": {"project", "entity", "mode"}}
 
 
+# Keys of a data config that say how its clips are loaded, not which clips: left out wherever
+# data settings identify data (resuming a run, extracted latents, FVD's cached statistics).
+DATA_LOADING_KEYS = ("num_workers", "cache_mb")
+
+
+def data_identity(data: Mapping) -> dict:
+    """A data config (node or dict) as plain values, without :data:`DATA_LOADING_KEYS`."""
+    settings = dict(_plain(data))
+    for key in DATA_LOADING_KEYS:
+        settings.pop(key, None)
+    return settings
+
+
 def config_path(node: Mapping, key: str) -> Path | None:
     """``node[key]`` as a path with ``~`` expanded; None when the key is absent, null, empty or ``???``."""
     try:

@@ -231,6 +231,11 @@ class VideoClipDataset(Dataset):
     video actually served: a file that fails to decode at read time is recorded in
     ``self.skipped`` (of the process that read it, e.g. a DataLoader worker) and the next
     usable index is served instead.
+
+    ``cache_mb`` > 0 keeps decoded clips (uint8) in this process's memory, up to that many
+    megabytes, so a small dataset read many times over (the demo: 12 MB) is decoded once;
+    clips that do not fit are decoded on every read as usual. Each DataLoader worker has
+    its own cache.
     """
 
     def __init__(
@@ -246,11 +251,12 @@ class VideoClipDataset(Dataset):
         resize_mode: str = "crop",
         random_start: bool = True,
         seed: int = 0,
+        cache_mb: float = 0,
     ):
         _check_options(
             num_classes=num_classes, num_frames=num_frames, frame_stride=frame_stride,
             target_fps=target_fps, resolution=resolution, resize_mode=resize_mode,
-            random_start=random_start, seed=seed,
+            random_start=random_start, seed=seed, cache_mb=cache_mb,
         )
         self.num_classes = num_classes
         self.num_frames = num_frames
@@ -263,6 +269,9 @@ class VideoClipDataset(Dataset):
         self.skipped: list[tuple[str, str]] = []
         self.classes: list[str] = []
         self._unreadable: set[int] = set()
+        self._cache_limit_bytes = int(cache_mb * 2**20)
+        self._cache: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}  # (index, frame indices) -> frames
+        self._cache_bytes = 0
 
         candidates, self.source = self._list_candidates(root, manifest)
         _check_labels(candidates, num_classes, self.classes)
@@ -395,7 +404,7 @@ class VideoClipDataset(Dataset):
                 continue
             entry = self.entries[candidate]
             try:
-                frames = read_frames(entry.path, self.frame_indices(candidate, sample_seed))
+                frames = self._read_clip(candidate, self.frame_indices(candidate, sample_seed))
             except VideoReadError as error:
                 self._mark_unreadable(candidate, error)
                 continue
@@ -407,6 +416,17 @@ class VideoClipDataset(Dataset):
         raise RuntimeError(
             f"every video of {self.source} failed to decode; see .skipped:\n{self._listed_skips()}"
         )
+
+    def _read_clip(self, index: int, frame_indices: list[int]) -> np.ndarray:
+        """Frames (T, H, W, 3) uint8 of video ``index``: from the cache, else decoded (and cached if it fits)."""
+        key = (index, tuple(frame_indices))
+        frames = self._cache.get(key)
+        if frames is None:
+            frames = read_frames(self.entries[index].path, frame_indices)
+            if self._cache_bytes + frames.nbytes <= self._cache_limit_bytes:
+                self._cache[key] = frames
+                self._cache_bytes += frames.nbytes
+        return frames
 
     def _mark_unreadable(self, index: int, error: VideoReadError) -> None:
         self._unreadable.add(index)
@@ -426,7 +446,7 @@ def _require_positive(name: str, value: Any) -> None:
 
 def _check_options(
     *, num_classes, num_frames, frame_stride, target_fps, resolution, resize_mode, random_start,
-    seed,
+    seed, cache_mb,
 ) -> None:
     """Validate VideoClipDataset options; ValueError names the option and the valid values."""
     for name, value, minimum in [("num_classes", num_classes, 0), ("num_frames", num_frames, 1),
@@ -443,16 +463,19 @@ def _check_options(
         raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
     if not isinstance(random_start, bool):
         raise ValueError(f"random_start must be true or false, got {random_start!r}")
+    if not isinstance(cache_mb, (int, float, np.number)) or isinstance(cache_mb, bool) or cache_mb < 0:
+        raise ValueError(f"cache_mb must be a number of megabytes >= 0 (0 = no cache), got {cache_mb!r}")
 
 
 # --------------------------------------------------------------------------- config
 
 _CLIP_KEYS = ("num_classes", "num_frames", "frame_stride", "target_fps", "resolution",
               "resize_mode", "random_start")
+_OPTION_KEYS = (*_CLIP_KEYS, "cache_mb")  # VideoClipDataset's options: the clips, and how they are kept
 # Keys each data config may hold; num_workers is read by the DataLoader, not here.
 CONFIG_KEYS = {
-    "demo": ("name", "root", "num_videos", "fps", "num_workers", *_CLIP_KEYS),
-    "videos": ("name", "root", "manifest", "num_workers", *_CLIP_KEYS),
+    "demo": ("name", "root", "num_videos", "fps", "num_workers", *_OPTION_KEYS),
+    "videos": ("name", "root", "manifest", "num_workers", *_OPTION_KEYS),
 }
 
 
@@ -471,7 +494,7 @@ def _checked_config(data_cfg: Mapping) -> str:
             f"unknown key(s) {unknown} in the data={name} config; "
             f"valid keys: {', '.join(CONFIG_KEYS[name])}"
         )
-    missing = [key for key in _CLIP_KEYS if key not in data_cfg]
+    missing = [key for key in _OPTION_KEYS if key not in data_cfg]
     if missing:  # configs/data/*.yaml are the only home of default values
         raise ValueError(f"the data={name} config lacks key(s) {missing}; see configs/data/{name}.yaml")
     if config_path(data_cfg, "root") is None:
@@ -489,7 +512,7 @@ def build_video_dataset(data_cfg: Mapping, *, seed: int) -> VideoClipDataset:
     ``manifest``. ``seed`` only drives clip sampling.
     """
     name = _checked_config(data_cfg)
-    options = {key: data_cfg[key] for key in _CLIP_KEYS}
+    options = {key: data_cfg[key] for key in _OPTION_KEYS}
     if not isinstance(options["resolution"], (int, bool)):  # [height, width] as a plain tuple
         options["resolution"] = tuple(options["resolution"])
     options["seed"] = seed

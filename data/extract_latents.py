@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -34,7 +34,7 @@ from configs.entry import entry_point
 from configs.files import atomic_output_path, atomic_write_text, is_temporary
 from configs.logs import get_logger, progress
 from configs.processes import end_processes, process_state
-from configs.schema import config_path
+from configs.schema import config_path, data_identity
 from data.datasets import CONFIG_KEYS, VideoClipDataset, build_video_dataset, frame_size
 from data.latents import (
     EMPTY_CAPTION_NAME,
@@ -66,10 +66,8 @@ class ExtractionError(RuntimeError):
 
 
 def data_settings(data_cfg: DictConfig) -> dict:
-    """The data config as plain values, minus how it is loaded (num_workers)."""
-    settings = OmegaConf.to_container(data_cfg, resolve=True)
-    settings.pop("num_workers", None)
-    return settings
+    """The data config as plain values, minus how it is loaded (``configs.schema.DATA_LOADING_KEYS``)."""
+    return data_identity(data_cfg)
 
 
 def clip_fps(dataset: VideoClipDataset) -> float:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from configs.logs import get_logger
+from configs.schema import data_identity
 from dit import deepspeed_glue
 from dit.checkpoint import (
     CheckpointError,
@@ -59,7 +60,7 @@ def check_resume_compatible(cfg: DictConfig, checkpoint: Path) -> None:
         value = config.get(key)
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         if key == "data" and isinstance(value, dict):
-            value.pop("num_workers", None)  # how data is loaded, not which data
+            value = data_identity(value)  # which data, not how it is loaded
         return value
 
     differing = [key for key in RESUME_MUST_MATCH if settings(saved, key) != settings(cfg, key)]

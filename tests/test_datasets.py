@@ -106,6 +106,26 @@ def test_read_time_failure_serves_next_video(tmp_path, caplog):
     assert [dataset[i]["index"] for i in range(3)] == [0, 2, 2]  # no second warning needed
 
 
+def test_cached_clips_are_decoded_once_within_the_budget(tmp_path):
+    paths = [_good_video(tmp_path / f"{i}.mp4", seed=i) for i in range(3)]
+    clip_mb = 4 * 32 * 32 * 3 / 2**20  # one decoded 4-frame clip
+    cached = VideoClipDataset(tmp_path, **_clip(cache_mb=2.5 * clip_mb))  # room for two clips, not three
+    uncached = VideoClipDataset(tmp_path, **_clip())
+    first = [cached[i]["video"] for i in range(3)]
+    for path in paths:
+        write_random_bytes(path)  # every file breaks after its first read
+    again = [cached[i] for i in range(2)]
+    assert [item["index"] for item in again] == [0, 1] and not cached.skipped
+    assert all(torch.equal(item["video"], video) for item, video in zip(again, first))
+    assert torch.equal(cached[0]["video"], first[0])  # a served clip is not changed by its reader
+    assert cached[2]["index"] == 0  # clip 2 did not fit: read from its broken file, the next one served
+    assert [path for path, _ in cached.skipped] == [str(paths[2])]
+    with pytest.raises(RuntimeError, match="failed to decode"):  # cache_mb=0: every read decodes
+        uncached[0]
+    with pytest.raises(ValueError, match=r"cache_mb must be a number of megabytes >= 0 \(0 = no cache\), got -1"):
+        VideoClipDataset(tmp_path, **_clip(cache_mb=-1))
+
+
 def test_nothing_usable_raises_with_what_was_searched(tmp_path):
     (tmp_path / "empty.mp4").touch()
     with pytest.raises(ValueError, match=r"(?s)no usable videos in folder .*empty\.mp4: file is empty"):

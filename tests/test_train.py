@@ -120,6 +120,8 @@ def test_resume_with_other_model_settings_is_refused(tmp_path, env):
     train(run_dir, "train.max_steps=1", "train.num_val_samples=0", env=env)
     result = train(run_dir, "train.max_steps=2", "attention=softmax", env=env, check=False)
     assert result.returncode != 0 and "different ['attention'] settings" in result.stderr
+    resumed = train(run_dir, "train.max_steps=2", "data.cache_mb=0", env=env)  # how data is loaded may change
+    assert "resumed from" in resumed.stdout
 
 
 def test_cfg_job_prints_the_resolved_config(env):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from configs.logs import get_logger
+from configs.schema import data_identity
 from data.datasets import frame_size, list_video_files
 from data.latents import (
     MANIFEST_NAME,
@@ -172,8 +173,7 @@ def training_clip_source(run_cfg: Any, vae: Any, num_frames: int) -> ClipSource:
         videos = data.real_videos(dataset, [int(order[i]) for i in indices], vae)
         return _uint8_clips(videos, num_frames), []
 
-    settings = data.clip_settings()
-    settings.pop("num_workers", None)
+    settings = data_identity(data.clip_settings())
     files = [(str(e.path), e.path.stat().st_size, e.path.stat().st_mtime_ns) for e in dataset.entries]
     key = {"kind": "training split", "data": settings, "files": files, "order": "permutation(seed 0)"}
     height, width = frame_size(settings["resolution"])
