@@ -65,11 +65,6 @@ class ExtractionError(RuntimeError):
 # --------------------------------------------------------------------------- settings
 
 
-def data_settings(data_cfg: DictConfig) -> dict:
-    """The data config as plain values, minus how it is loaded (``configs.schema.DATA_LOADING_KEYS``)."""
-    return data_identity(data_cfg)
-
-
 def clip_fps(dataset: VideoClipDataset) -> float:
     """Frame rate of the extracted clips: target_fps, or the most common source rate / stride."""
     if dataset.target_fps is not None:
@@ -224,7 +219,7 @@ def extract(cfg: DictConfig) -> dict:
     settings = {
         "format": FORMAT, "version": FORMAT_VERSION,
         "vae": {"name": identity["name"], "config_hash": identity["config_hash"]},
-        "data": data_settings(cfg.data), "seed": seed, "shard_size": shard_size, "num_clips": num_clips,
+        "data": data_identity(cfg.data), "seed": seed, "shard_size": shard_size, "num_clips": num_clips,
         "latent_shape": latent_shape,
     }
     if text_encoder is not None:
