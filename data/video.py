@@ -297,11 +297,16 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, pad, mode="edge") if any(p[1] for p in pad) else frames
 
 
+# Single-threaded x264 at a fixed CRF, without the frame-type lookahead: with it, the same frames
+# encoded twice in one process could give different bytes (seen with PyAV 17-18 under CPU load).
+X264_OPTIONS = {"crf": str(MP4_CRF), "threads": "1", "x264-params": "rc-lookahead=0"}
+
+
 def encode_mp4(frames: np.ndarray, fps: int | float) -> bytes:
     """Encode RGB ``frames`` (uint8, (T, H, W, 3)) as the bytes of an H.264 yuv420p mp4 at ``fps`` frames/s.
 
     The bytes depend only on the frames, the rate and the PyAV/FFmpeg/x264 versions
-    (single-threaded x264, fixed CRF, no wall-clock timestamps). The container is muxed in
+    (:data:`X264_OPTIONS`, no wall-clock timestamps). The container is muxed in
     memory: muxing straight into a file gave different bytes for the same frames from one
     write to the next. yuv420p needs even sizes, so an odd height or width is padded by
     repeating the last row or column: the video then decodes to H+1 or W+1.
@@ -312,7 +317,7 @@ def encode_mp4(frames: np.ndarray, fps: int | float) -> bytes:
     rate = Fraction(fps).limit_denominator(1001)
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(MP4_CRF), "threads": "1"})
+        stream = container.add_stream("libx264", rate=rate, options=X264_OPTIONS)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for index, array in enumerate(frames):
