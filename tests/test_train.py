@@ -188,7 +188,7 @@ def test_the_attention_study_composes_for_every_variant_at_1024_tokens():
         patch = cfg.model.patch_size
         tokens = (cfg.data.num_frames // patch[0]) * (cfg.data.resolution // patch[1]) * (cfg.data.resolution // patch[2])
         assert tokens >= 1024 and cfg.attention.name == attention and cfg.data.name == "demo"
-        assert cfg.train.max_steps == 1200 and cfg.train.score_every > 0 and cfg.train.max_steps % cfg.train.score_every == 0
+        assert cfg.train.max_steps == 2400 and cfg.train.score_every > 0 and cfg.train.max_steps % cfg.train.score_every == 0
 
 
 def test_sweep_over_attention_variants_runs_each_in_its_own_directory(tmp_path, env):
