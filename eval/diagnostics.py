@@ -44,6 +44,7 @@ from eval.generation import load_sampling_setup
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -232,6 +233,7 @@ def plot_layers(runs: dict[str, dict], path: Path) -> Path:
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

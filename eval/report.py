@@ -147,7 +147,7 @@ def summarise(run_dir: Path, val_clips: int) -> dict:
         "parameters": summary.get("parameters"),
         "tokens_per_sample": summary.get("tokens_per_sample"),
         "forward_gflops": summary.get("forward_flops_per_sample", float("nan")) / 1e9,
-        "curve": [(r["step"], r["loss"]) for r in records if "loss" in r],
+        "curve": [(r["step"], r.get("train_seconds", float("nan")), r["loss"]) for r in records if "loss" in r],
         "train_seconds": max((r.get("train_seconds", 0.0) for r in records), default=0.0),
         "records": records,
         "diagnostics": read_diagnostics(run_dir),
@@ -204,15 +204,30 @@ def diagnostics_table(rows: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
+LOSS_CURVE_WINDOW = 20  # logged losses per point of the plotted curves: single batches are too noisy to compare
+
+
+def moving_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Means of ``window`` consecutive values, shape (len(values) - window + 1,); all of them if fewer."""
+    window = min(window, len(values))
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
 def plot(rows: list[dict], out: Path) -> list[Path]:
     loss_png, speed_png = out / "loss_curves.png", out / "throughput_vs_tokens.png"
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in rows:
         if r["curve"]:
-            steps, losses = zip(*r["curve"])
-            ax.plot(steps, losses, label=r["run"])
-    ax.set(xlabel="step", ylabel="training loss", title="Loss curves")
-    ax.legend(fontsize=7)
+            steps, seconds, losses = (np.asarray(column) for column in zip(*r["curve"]))
+            smooth = moving_mean(losses, LOSS_CURVE_WINDOW)
+            by_step.plot(steps[len(steps) - len(smooth):], smooth, label=r["run"])
+            by_time.plot(seconds[len(seconds) - len(smooth):], smooth, label=r["run"])
+    by_step.set(xlabel="step", ylabel=f"training loss (mean of {LOSS_CURVE_WINDOW} logged values)",
+                title="Loss by step", yscale="log")
+    by_time.set(xlabel="training-step time (s)", title="Loss by training time")
+    for ax in (by_step, by_time):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(loss_png, dpi=120)
     plt.close(fig)

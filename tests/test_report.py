@@ -2,7 +2,10 @@
 
 import json
 
+import numpy as np
+
 from configs.entry import compose_config
+from eval.report import moving_mean
 from eval.report import run as write_report
 from tests.runs import train
 
@@ -23,3 +26,9 @@ def test_report_compares_two_real_runs(tmp_path, cache_env):
     assert all(r["steps"] == 3 and r["val_loss"] > 0 and r["peak_memory_gb"] > 0 for r in summary)
     softmax, mhla = sorted(summary, key=lambda r: r["attention"], reverse=True)
     assert softmax["parameters"] < mhla["parameters"]  # MHLA adds its mixing matrices
+
+
+def test_loss_curves_are_moving_means_of_the_logged_losses():
+    losses = np.array([4.0, 2.0, 0.0, 2.0, 4.0])
+    assert np.allclose(moving_mean(losses, 2), [3.0, 1.0, 1.0, 3.0])
+    assert np.allclose(moving_mean(losses, 20), [2.4])  # a run shorter than the window: one mean of all
