@@ -9,8 +9,8 @@ model, steps, final training loss (mean of the last 10 % of logged steps), a val
 loss computed here with the EMA weights on fixed clips, noise and flow times (identical
 for every run, so comparable), FVD if ``<run>/fvd/*.json`` exists, the demo score (eval.demo_score) of demo
 runs, tokens/s, peak memory,
-parameters and forward FLOPs per sample. Plots: loss curves, and training throughput
-against tokens per sample.
+parameters and forward FLOPs per sample. Plots: loss curves by step and by training-step time
+(moving means of the logged losses), and training throughput against tokens per sample.
 """
 
 from __future__ import annotations
