@@ -176,7 +176,7 @@ def test_build_dit_passes_qk_norm_and_refuses_bad_values():
         build_dit({**model_cfg, "qk_norm": "global"}, {"name": "linear"}, **kwargs)
     with pytest.raises(ValueError, match="model.qk_norm is missing"):
         build_dit({k: v for k, v in model_cfg.items() if k != "qk_norm"}, {"name": "linear"}, **kwargs)
-    assert math.prod(model.grid) == model.num_tokens == 4  # (2, 8, 8) latents in (2, 4, 4) patches
+    assert math.prod(model.grid) == model.num_tokens == 8  # (2, 8, 8) latents in (1, 4, 4) patches
 
 
 def test_data_prediction_returns_the_velocity_of_its_clean_clip():

@@ -18,12 +18,12 @@ def test_train_benchmark_writes_tables_for_every_variant(tmp_path):
     out = tmp_path / "train"
     result = benchmark(["train", "model=tiny", "variants=[softmax,mhla]", "frames=2", "sizes=[8]", "channels=3",
                         "steps=1", "warmup=0", "peak_tflops=1", f"out={out}"])
-    assert [(p["variant"], p["tokens_per_sample"]) for p in result["points"]] == [("softmax", 4), ("mhla", 4)]
+    assert [(p["variant"], p["tokens_per_sample"]) for p in result["points"]] == [("softmax", 8), ("mhla", 8)]  # 2x8x8 in 1x4x4 patches
     for p in result["points"]:
         assert p["tokens_per_s"] == pytest.approx(p["samples_per_s"] * p["tokens_per_sample"])
         assert p["mfu"] == pytest.approx(3 * p["forward_flops_per_sample"] * p["samples_per_s"] / 1e12)
     assert json.loads((out / "train.json").read_text())["device"]["type"] == "cpu"
-    assert "| mhla | 4 |" in (out / "train.md").read_text()
+    assert "| mhla | 8 |" in (out / "train.md").read_text()
     assert (out / "train.png").read_bytes()[:4] == b"\x89PNG"
 
 
